@@ -1,0 +1,30 @@
+"""Exceptions that carry a message meant for the user.
+
+Every error a user can cause by bad input (a wrong name, a missing or corrupt file, sizes that do not
+add up) is a :class:`GradkitError`. The CLI prints its message on one line and exits with code 2; library
+users can catch it as one type. Messages name the bad value and say what would work.
+"""
+
+from __future__ import annotations
+
+__all__ = ["GradkitError", "DataError", "ConfigError", "TrainingDiverged"]
+
+
+class GradkitError(Exception):
+    """Base class for errors caused by user input; the message is one line that says how to fix it."""
+
+    exit_code: int = 2
+
+
+class ConfigError(GradkitError, ValueError):
+    """An option, name or size that cannot work (also a ``ValueError``)."""
+
+
+class DataError(GradkitError):
+    """A dataset that is missing, truncated, corrupt or unsafe to open."""
+
+
+class TrainingDiverged(GradkitError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+    exit_code = 1
