@@ -1,0 +1,40 @@
+"""gradkit: train PyTorch models faster and in less memory than plain backpropagation.
+
+Methods: Features Replay and its baselines (Huo et al., NeurIPS 2018), approximate activations
+(Chakrabarti & Moseley, NeurIPS 2019) and likelihood-ratio gradients (Jiang et al., ICLR 2024), each
+tested against plain backprop (``bp``).
+
+Example:
+    >>> import gradkit
+    >>> stages = gradkit.split(model, 2, balance="params")
+    >>> method = gradkit.methods.build("bp", stages)
+    >>> loss = method.step(x, y)
+"""
+
+from gradkit import data, memory, methods, models
+from gradkit.config import TrainConfig
+from gradkit.errors import ConfigError, DataError, GradkitError, TrainingDiverged
+from gradkit.loop import RunInterrupted, RunResult, evaluate, train
+from gradkit.models import build_model
+from gradkit.stages import split
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "GradkitError",
+    "RunInterrupted",
+    "RunResult",
+    "TrainConfig",
+    "TrainingDiverged",
+    "__version__",
+    "build_model",
+    "data",
+    "evaluate",
+    "memory",
+    "methods",
+    "models",
+    "split",
+    "train",
+]

@@ -1,0 +1,84 @@
+"""Checkpoints that survive crashes: atomic writes, safe loads.
+
+A checkpoint is written to a temporary file in the same folder, flushed to disk and renamed over the
+old one, so at any moment the folder holds either the previous complete checkpoint or the new complete
+one. Loading uses ``torch.load(weights_only=True)``: a checkpoint can hold tensors and plain data but
+never runs code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from gradkit.errors import DataError
+
+__all__ = ["atomic_write", "save_checkpoint", "load_checkpoint", "write_json_atomic"]
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
+    """Call ``write(f)`` on a temporary file and move it to ``path`` only once it is complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the rename itself durable; not every platform allows opening a directory.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
+    """Write ``obj`` as indented JSON, atomically."""
+    data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> Path:
+    """Save ``state`` (tensors and plain data only) atomically with ``torch.save``."""
+    return atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a checkpoint without executing code from it.
+
+    Raises:
+        DataError: the file is missing, truncated, or holds something other than tensors and plain data.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"no checkpoint at {path}; start a new run without --resume")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt or unsafe files
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"cannot read checkpoint {path}: {reason}") from exc
+    if not isinstance(state, dict):
+        raise DataError(f"checkpoint {path} does not hold a gradkit state (got {type(state).__name__})")
+    return state

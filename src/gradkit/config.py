@@ -1,0 +1,159 @@
+"""The configuration of one training run, as a typed, validated dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gradkit.errors import ConfigError
+from gradkit.optim import OPTIMIZERS, SCHEDULES, LRSchedule, OptimizerConfig
+
+__all__ = ["TrainConfig", "BALANCES"]
+
+BALANCES = ("time", "params", "count")
+
+# Fields that may differ between a run and its --resume: they change how, not what, is computed.
+_RESUMABLE_CHANGES = frozenset(
+    {"epochs", "threads", "resume", "data_dir", "download", "progress", "device", "out"}
+)
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Everything that defines a training run; the CLI's ``gradkit train`` options map onto it 1:1."""
+
+    method: str = "bp"
+    """Training method, a name from ``gradkit.methods.METHODS``."""
+    model: str = "mlp"
+    """Model, a name from ``gradkit.models.MODELS``."""
+    data: str = "digits"
+    """Dataset, a name from ``gradkit.data.DATASETS``."""
+    out: str | None = None
+    """Run folder for ``config.json``, ``metrics.jsonl`` and ``checkpoint.pt``; None writes nothing."""
+    data_dir: str | None = None
+    """Folder searched first for dataset files (else ``$GRADKIT_DATA`` and the standard places)."""
+    download: bool = False
+    """Fetch the dataset from its official source when it is not found."""
+    stages: int = 1
+    """Number of pipeline stages K the model is split into."""
+    balance: str = "params"
+    """How stages are balanced: ``time`` (profiled), ``params`` or ``count``."""
+    method_options: dict[str, Any] = field(default_factory=dict)
+    """Method-specific options, passed to the method's constructor."""
+    epochs: int = 5
+    """Number of passes over the training set."""
+    batch_size: int = 128
+    """Mini-batch size for training (the last, smaller batch of an epoch is kept)."""
+    eval_batch_size: int = 1000
+    """Mini-batch size for evaluation."""
+    optimizer: str = "sgd"
+    """``sgd`` or ``adam``."""
+    lr: float | None = None
+    """Initial learning rate; None means 0.05 for SGD and 0.001 for Adam."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    nesterov: bool = True
+    """Nesterov momentum for SGD."""
+    weight_decay: float = 5e-4
+    """L2 weight decay."""
+    schedule: str = "cosine"
+    """Learning-rate schedule: ``constant``, ``multistep`` or ``cosine``."""
+    milestones: tuple[int, ...] = ()
+    """Epochs where ``multistep`` divides the rate by 10 (default: 50% and 75% of training)."""
+    seed: int = 0
+    """Seed of weight initialisation, data order and augmentation."""
+    threads: int | None = None
+    """CPU threads for torch (None keeps torch's default)."""
+    device: str = "auto"
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available)."""
+    limit_train: int | None = None
+    """Train on a stratified subset of this many samples."""
+    limit_test: int | None = None
+    """Evaluate on a stratified subset of this many samples."""
+    resume: bool = False
+    """Continue the run in ``out`` from its checkpoint."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(
+                f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}"
+            )
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(
+                f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}"
+            )
+        if self.balance not in BALANCES:
+            raise ConfigError(f"unknown balance {self.balance!r}; choose one of: {', '.join(BALANCES)}")
+        for name in ("epochs", "batch_size", "eval_batch_size", "stages"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        for name in ("limit_train", "limit_test", "threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr >= 0):
+            raise ConfigError(f"--lr must be a finite number >= 0, got {self.lr}")
+        if self.resume and self.out is None:
+            raise ConfigError("--resume needs --out, the folder of the run to continue")
+        self.milestones = tuple(int(m) for m in self.milestones)
+        # Building these validates momentum, weight decay and milestones now, not mid-run.
+        self.optimizer_config()
+        self.lr_schedule()
+
+    @property
+    def effective_lr(self) -> float:
+        """The learning rate used: ``lr``, or the optimizer's default."""
+        if self.lr is not None:
+            return self.lr
+        return 0.05 if self.optimizer == "sgd" else 0.001
+
+    def optimizer_config(self) -> OptimizerConfig:
+        """The optimizer this run uses."""
+        return OptimizerConfig(
+            name=self.optimizer,
+            lr=self.effective_lr,
+            momentum=self.momentum,
+            nesterov=self.nesterov and self.optimizer == "sgd",
+            weight_decay=self.weight_decay,
+        )
+
+    def lr_schedule(self) -> LRSchedule:
+        """The learning-rate schedule this run uses."""
+        return LRSchedule(kind=self.schedule, milestones=self.milestones)
+
+    @property
+    def out_path(self) -> Path | None:
+        """``out`` as a path."""
+        return Path(self.out) if self.out is not None else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form, for ``config.json`` and checkpoints."""
+        d = dataclasses.asdict(self)
+        d["milestones"] = list(self.milestones)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are ignored (older or newer gradkit)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in names}
+        if "milestones" in kwargs:
+            kwargs["milestones"] = tuple(kwargs["milestones"])
+        return cls(**kwargs)
+
+    def resume_conflicts(self, saved: TrainConfig) -> list[str]:
+        """Options that differ from ``saved`` in a way that would change the computation."""
+        conflicts = []
+        for f in dataclasses.fields(self):
+            if f.name in _RESUMABLE_CHANGES:
+                continue
+            mine, theirs = getattr(self, f.name), getattr(saved, f.name)
+            if mine != theirs:
+                conflicts.append(f"{f.name}={theirs!r} (now {mine!r})")
+        return conflicts

@@ -1,0 +1,135 @@
+"""The interface every training method implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradkit.optim import OptimizerConfig, OptimizerFactory
+
+__all__ = ["Method", "LossFn"]
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Method(ABC):
+    """A way of turning mini-batches into parameter updates on a model split into stages.
+
+    A method owns the stages it is given (``nn.Sequential`` partitions sharing the model's
+    parameters), builds its optimizer(s) with the factory, and exposes one training step at a time.
+    Evaluation never goes through a method's pipeline: :meth:`predict` runs the current weights.
+
+    Subclasses implement :meth:`step`, and extend :meth:`state_dict` / :meth:`load_state_dict` with any
+    in-flight buffers so that a resumed run continues exactly.
+
+    Args:
+        stages: consecutive partitions of the model, e.g. from :func:`gradkit.split`.
+        loss_fn: ``loss_fn(output, target) -> scalar tensor`` (mean over the batch).
+        optimizer: a factory ``params -> torch.optim.Optimizer``.
+    """
+
+    name: str = ""
+
+    def __init__(
+        self,
+        stages: Sequence[nn.Module],
+        *,
+        loss_fn: LossFn | None = None,
+        optimizer: OptimizerFactory | None = None,
+    ) -> None:
+        if len(stages) == 0:
+            raise ValueError("a method needs at least one stage")
+        self.stages: list[nn.Module] = list(stages)
+        self.loss_fn: LossFn = loss_fn if loss_fn is not None else nn.functional.cross_entropy
+        self.optimizer_factory: OptimizerFactory = (
+            optimizer if optimizer is not None else OptimizerConfig().factory()
+        )
+
+    # -- training ---------------------------------------------------------------------------------
+    @abstractmethod
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Train on one mini-batch; returns the loss computed during this step."""
+
+    @property
+    @abstractmethod
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """Every optimizer the method steps (one, or one per stage)."""
+
+    def flush(self) -> None:
+        """Drain in-flight work (no-op for methods that keep none)."""
+
+    def buffer_bytes(self) -> int:
+        """Bytes held in in-flight buffers between steps (0 for backprop)."""
+        return 0
+
+    def set_lr_factor(self, factor: float) -> None:
+        """Scale every parameter group's initial learning rate by ``factor`` (used by schedules)."""
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group.setdefault("initial_lr", group["lr"])
+                group["lr"] = group["initial_lr"] * factor
+
+    # -- inference --------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the stages in order with autograd enabled (the full model's forward)."""
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Model output for ``x`` on the current weights, without a graph."""
+        return self.forward(x)
+
+    def train(self) -> Method:
+        """Put every stage in training mode."""
+        for stage in self.stages:
+            stage.train()
+        return self
+
+    def eval(self) -> Method:
+        """Put every stage in evaluation mode."""
+        for stage in self.stages:
+            stage.eval()
+        return self
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Every trainable parameter of the stages, each once, in stage order."""
+        seen: set[int] = set()
+        params = []
+        for stage in self.stages:
+            for p in stage.parameters():
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
+        return params
+
+    # -- persistence ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: stage weights and buffers, optimizer states."""
+        return {
+            "method": self.name,
+            "stages": [stage.state_dict() for stage in self.stages],
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned.
+
+        Raises:
+            ValueError: the state belongs to another method or another number of stages.
+        """
+        if state.get("method") != self.name:
+            raise ValueError(f"state is for method {state.get('method')!r}, not {self.name!r}")
+        if len(state["stages"]) != len(self.stages):
+            raise ValueError(
+                f"state has {len(state['stages'])} stages but this method has {len(self.stages)}"
+            )
+        for stage, sd in zip(self.stages, state["stages"], strict=True):
+            stage.load_state_dict(sd)
+        for opt, sd in zip(self.optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(sd)

@@ -1,0 +1,45 @@
+"""The method registry and the factory that builds a method by name."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from gradkit.methods._base import LossFn, Method
+from gradkit.optim import OptimizerFactory
+from gradkit.registry import Registry
+
+__all__ = ["METHODS", "build"]
+
+METHODS: Registry[type[Method]] = Registry("method")
+
+
+def build(
+    name: str,
+    stages: Sequence[nn.Module],
+    *,
+    loss_fn: LossFn | None = None,
+    optimizer: OptimizerFactory | None = None,
+    **options: Any,
+) -> Method:
+    """Build the registered method ``name`` on ``stages``.
+
+    Example:
+        >>> stages = gradkit.split(model, 2, balance="count")
+        >>> method = gradkit.methods.build("bp", stages, optimizer=OptimizerConfig(lr=0.1).factory())
+        >>> loss = method.step(x, y)
+
+    Args:
+        name: a name from ``METHODS.names()``.
+        stages: consecutive partitions of a model (``gradkit.split``).
+        loss_fn: loss on (output, target); cross-entropy by default.
+        optimizer: factory ``params -> Optimizer``; SGD with Nesterov momentum by default.
+        **options: method-specific options.
+
+    Raises:
+        ConfigError: the name is unknown.
+    """
+    cls = METHODS.get(name)
+    return cls(stages, loss_fn=loss_fn, optimizer=optimizer, **options)

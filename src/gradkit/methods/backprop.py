@@ -1,0 +1,46 @@
+"""Plain backpropagation: the reference every other method is tested against."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from gradkit.methods._base import LossFn, Method
+from gradkit.methods._registry import METHODS
+from gradkit.optim import OptimizerFactory
+
+__all__ = ["Backprop"]
+
+
+@METHODS.register("bp", help="plain backpropagation through all stages (the reference)")
+class Backprop(Method):
+    """Standard end-to-end backpropagation (Rumelhart et al., 1986) over the chained stages.
+
+    The stages run one after another as one model with one optimizer, so the result does not depend
+    on how the model was split: ``bp`` with K stages equals ``bp`` with one.
+    """
+
+    name = "bp"
+
+    def __init__(
+        self,
+        stages: Sequence[nn.Module],
+        *,
+        loss_fn: LossFn | None = None,
+        optimizer: OptimizerFactory | None = None,
+    ) -> None:
+        super().__init__(stages, loss_fn=loss_fn, optimizer=optimizer)
+        self._optimizer = self.optimizer_factory(self.parameters())
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self._optimizer]
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        loss = self.loss_fn(self.forward(x), y)
+        self._optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self._optimizer.step()
+        return loss.item()

@@ -1,0 +1,72 @@
+"""Training curves: loss against epochs and against wall-clock time (Features Replay paper, Fig. 4)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from gradkit.errors import ConfigError
+from gradkit.runs import RunRecord, read_run
+
+__all__ = ["plot_runs"]
+
+
+def plot_runs(
+    runs: Sequence[str | os.PathLike[str] | RunRecord],
+    out: str | os.PathLike[str],
+    *,
+    title: str | None = None,
+) -> Path:
+    """Plot train and test loss of several runs, against epochs and against training time.
+
+    Args:
+        runs: run folders (or records already read).
+        out: PNG file to write.
+        title: figure title; defaults to the model and dataset of the first run.
+
+    Returns:
+        The path of the PNG.
+
+    Raises:
+        ConfigError: matplotlib is not installed.
+        DataError: a folder is not a run folder.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError(
+            "plotting needs matplotlib; install it with: pip install 'gradkit[plot]'"
+        ) from None
+
+    records = [r if isinstance(r, RunRecord) else read_run(r) for r in runs]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, rec in enumerate(records):
+        if not rec.history:
+            continue
+        color = f"C{i}"
+        epochs = [h["epoch"] for h in rec.history]
+        seconds = [h["elapsed_seconds"] for h in rec.history]
+        for ax, xs in ((axes[0], epochs), (axes[1], seconds)):
+            ax.plot(xs, [h["train_loss"] for h in rec.history], "-", color=color, label=f"{rec.label} train")
+            ax.plot(xs, [h["test_loss"] for h in rec.history], "--", color=color, label=f"{rec.label} test")
+    axes[0].set_xlabel("epoch")
+    axes[1].set_xlabel("training time (s)")
+    for ax in axes:
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    if title is None and records:
+        cfg = records[0].config
+        title = f"{cfg.get('model', '?')} on {cfg.get('data', '?')}"
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
