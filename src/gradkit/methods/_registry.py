@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
+from gradkit.errors import ConfigError
 from gradkit.methods._base import LossFn, Method
 from gradkit.optim import OptimizerFactory
 from gradkit.registry import Registry
@@ -39,7 +41,16 @@ def build(
         **options: method-specific options.
 
     Raises:
-        ConfigError: the name is unknown.
+        ConfigError: the name is unknown, or an option is not one the method takes.
     """
     cls = METHODS.get(name)
+    accepted = {
+        p.name
+        for p in inspect.signature(cls.__init__).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in ("loss_fn", "optimizer")
+    }
+    for option in options:
+        if option not in accepted:
+            takes = ", ".join(sorted(accepted)) or "no options"
+            raise ConfigError(f"method {name!r} does not take option {option!r}; it takes: {takes}")
     return cls(stages, loss_fn=loss_fn, optimizer=optimizer, **options)

@@ -1,0 +1,29 @@
+# Set-up and everyday commands. `make demo` and `make test` work on a fresh machine.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+# A bare `torch` requirement pulls several GB of CUDA wheels; pin the CPU build when torch is missing.
+TORCH_PIN ?= torch==2.13.0
+DEMO_OUT ?= runs/demo
+
+.PHONY: install demo test lint bench-overhead clean
+
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_PIN)"
+	@$(PIP) install --quiet --disable-pip-version-check -e ".[dev]"
+
+# The main job: every registered method side by side on Fashion-MNIST (digits when it is nowhere).
+demo: install
+	$(PYTHON) -m gradkit compare --model cnn --data fashion-mnist --fallback-data digits \
+		--epochs 3 --limit-train 12000 --limit-test 5000 --optimizer adam --out $(DEMO_OUT)
+
+test: install
+	$(PYTHON) -m pytest -q
+
+lint:
+	ruff check src tests benchmarks
+
+bench-overhead: install
+	$(PYTHON) benchmarks/overhead/run.py
+
+clean:
+	rm -rf runs build dist .pytest_cache src/*.egg-info

@@ -1,0 +1,60 @@
+"""The ``gradkit`` command line: ``gradkit train|compare|plot|datasets|env``."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+
+from tqdm.auto import tqdm
+
+from gradkit.cli import compare, datasets, env, plot, train
+from gradkit.cli._parser import Parser
+from gradkit.errors import GradkitError
+
+__all__ = ["main"]
+
+_COMMANDS = (train, compare, plot, datasets, env)
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines that do not break progress bars."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def _parser() -> Parser:
+    parser = Parser(
+        prog="gradkit",
+        description="Train PyTorch models faster and in less memory than plain backprop: "
+        "Features Replay, approximate activations, likelihood-ratio gradients.",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    for command in _COMMANDS:
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (2 for bad input, 130 for Ctrl-C)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("gradkit")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    root.propagate = False
+    try:
+        return args.run(args)
+    except GradkitError as exc:
+        print(f"gradkit {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"gradkit {args.command}: interrupted", file=sys.stderr)
+        return 130

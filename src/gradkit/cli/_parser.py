@@ -1,0 +1,113 @@
+"""Argument parsing shared by the subcommands: one-line errors and the training options."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import NoReturn
+
+from gradkit.config import BALANCES, TrainConfig
+from gradkit.data import DATASETS
+from gradkit.methods import METHODS
+from gradkit.models import MODELS
+from gradkit.optim import OPTIMIZERS, SCHEDULES
+
+__all__ = ["Parser", "add_training_args", "config_from_args"]
+
+_DEFAULTS = TrainConfig()
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage dump) and exit with code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _milestones(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(m) for m in text.split(",") if m.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated epochs like 150,225, got {text!r}") from None
+
+
+def add_training_args(parser: argparse.ArgumentParser, *, single_method: bool = True) -> None:
+    """The options of ``gradkit train`` (``compare`` shares all but --method/--out/--resume)."""
+    what = parser.add_argument_group("what to train")
+    if single_method:
+        what.add_argument("--method", default="bp", choices=METHODS.names(), help="training method (default: bp)")
+    what.add_argument("--model", default=_DEFAULTS.model, choices=MODELS.names(), metavar="NAME",
+                      help=f"model: {', '.join(MODELS.names())} (default: %(default)s)")
+    what.add_argument("--data", default=_DEFAULTS.data, choices=DATASETS.names(), metavar="NAME",
+                      help=f"dataset: {', '.join(DATASETS.names())} (default: %(default)s)")
+    what.add_argument("--data-dir", metavar="DIR",
+                      help="folder searched first for dataset files (default: $GRADKIT_DATA, then standard places)")
+    what.add_argument("--download", action="store_true", help="fetch the dataset from its official source if missing")
+    what.add_argument("--limit-train", type=_positive_int, metavar="N", help="train on a stratified subset of N samples")
+    what.add_argument("--limit-test", type=_positive_int, metavar="N", help="test on a stratified subset of N samples")
+    what.add_argument("--stages", type=_positive_int, default=1, metavar="K",
+                      help="split the model into K pipeline stages (default: 1)")
+    what.add_argument("--balance", default=_DEFAULTS.balance, choices=BALANCES,
+                      help="how stages are balanced (default: %(default)s)")
+
+    how = parser.add_argument_group("how to train")
+    how.add_argument("--epochs", type=_positive_int, default=_DEFAULTS.epochs, help="default: %(default)s")
+    how.add_argument("--batch-size", type=_positive_int, default=_DEFAULTS.batch_size, help="default: %(default)s")
+    how.add_argument("--optimizer", default=_DEFAULTS.optimizer, choices=OPTIMIZERS, help="default: %(default)s")
+    how.add_argument("--lr", type=float, help="learning rate (default: 0.05 for sgd, 0.001 for adam)")
+    how.add_argument("--momentum", type=float, default=_DEFAULTS.momentum, help="SGD momentum (default: %(default)s)")
+    how.add_argument("--no-nesterov", action="store_true", help="plain instead of Nesterov momentum")
+    how.add_argument("--weight-decay", type=float, default=_DEFAULTS.weight_decay, help="default: %(default)s")
+    how.add_argument("--schedule", default=_DEFAULTS.schedule, choices=SCHEDULES,
+                     help="learning-rate schedule (default: %(default)s)")
+    how.add_argument("--milestones", type=_milestones, default=(), metavar="E1,E2",
+                     help="epochs where multistep divides the rate by 10 (default: 50%%,75%% of --epochs)")
+    how.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="default: %(default)s")
+
+    where = parser.add_argument_group("where to run")
+    where.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads for torch")
+    where.add_argument("--device", default=_DEFAULTS.device, help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    where.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace, **overrides: object) -> TrainConfig:
+    """Build a validated :class:`TrainConfig` from parsed options."""
+    fields = dict(
+        method=getattr(args, "method", "bp"),
+        model=args.model,
+        data=args.data,
+        out=getattr(args, "out", None),
+        data_dir=args.data_dir,
+        download=args.download,
+        stages=args.stages,
+        balance=args.balance,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        momentum=args.momentum,
+        nesterov=not args.no_nesterov,
+        weight_decay=args.weight_decay,
+        schedule=args.schedule,
+        milestones=args.milestones,
+        seed=args.seed,
+        threads=args.threads,
+        device=args.device,
+        limit_train=args.limit_train,
+        limit_test=args.limit_test,
+        resume=getattr(args, "resume", False),
+        progress=not args.no_progress,
+    )
+    fields.update(overrides)
+    return TrainConfig(**fields)

@@ -1,0 +1,41 @@
+"""``gradkit train``: one run of one method."""
+
+from __future__ import annotations
+
+import argparse
+
+from gradkit.cli._parser import add_training_args, config_from_args
+from gradkit.loop import train
+from gradkit.runs import format_bytes
+
+HELP = "train a model with one method"
+DESCRIPTION = """\
+Train a model with one method and write the run folder --out: config.json, metrics.jsonl (one JSON
+object per epoch), checkpoint.pt (replaced atomically every epoch and on Ctrl-C) and model.pt.
+
+example:
+  gradkit train --method bp --model cnn --data fashion-mnist --epochs 3 --out runs/cnn
+  gradkit train --method bp --model cnn --data fashion-mnist --epochs 6 --out runs/cnn --resume
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help=HELP, description=DESCRIPTION,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, metavar="DIR", help="run folder (created if missing)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    add_training_args(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    result = train(config)
+    final = result.final
+    print(
+        f"{config.method} {config.model} on {config.data}: test_acc {final['test_acc']:.4f}, "
+        f"test_loss {final['test_loss']:.4f}, {final['samples_per_second']:.0f} samples/s, "
+        f"activations {format_bytes(final.get('activation_bytes'))} per step"
+    )
+    print(f"run folder: {config.out}")
+    return 0
