@@ -1,0 +1,118 @@
+"""The command line: exit codes, one-line errors, and the issue's acceptance runs on small data."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gradkit.cli import main
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # argparse errors and --help
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line, got: {err!r}"
+    return lines[0]
+
+
+def test_unknown_dataset_exits_2_with_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, _, err = run_cli(capsys, "train", "--data", "nosuch", "--epochs", "1", "--out", str(tmp_path / "d"))
+    assert code == 2
+    line = one_line(err)
+    assert "nosuch" in line and "fashion-mnist" in line  # names the bad value and the choices
+
+
+def test_corrupt_data_file_exits_2_naming_the_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    folder = tmp_path / "data" / "fashion-mnist"
+    folder.mkdir(parents=True)
+    header = (2051).to_bytes(4, "big") + (60000).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
+    for name in ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte"):
+        (folder / f"{name}.gz").write_bytes(gzip.compress(header + bytes(1000)))  # far too short
+    for name, n in (("train-labels-idx1-ubyte", 60000), ("t10k-labels-idx1-ubyte", 10000)):
+        (folder / f"{name}.gz").write_bytes(
+            gzip.compress((2049).to_bytes(4, "big") + n.to_bytes(4, "big") + bytes(n))
+        )
+    code, _, err = run_cli(capsys, "train", "--model", "mlp", "--data", "fashion-mnist", "--data-dir",
+                           str(tmp_path / "data"), "--epochs", "1", "--out", str(tmp_path / "run"))
+    assert code == 2
+    assert "images-idx3-ubyte" in one_line(err)
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["train", "--epochs", "1"], "--out"),
+        (["train", "--out", "x", "--lr", "nan"], "--lr"),
+        (["train", "--out", "x", "--epochs", "0"], "--epochs"),
+        (["train", "--out", "x", "--method", "nosuch"], "nosuch"),
+        (["compare", "--methods", "bp,nosuch"], "nosuch"),
+        (["plot", "/nonexistent/run"], "not a gradkit run folder"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(capsys: pytest.CaptureFixture[str], argv: list[str], needle: str) -> None:
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert needle in one_line(err)
+
+
+def test_mlp_on_digits_reaches_95_percent(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out = tmp_path / "D"
+    code, stdout, err = run_cli(capsys, "train", "--method", "bp", "--model", "mlp", "--data", "digits",
+                                "--epochs", "5", "--no-progress", "--out", str(out))
+    assert code == 0, err
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 5
+    assert records[-1]["test_acc"] >= 0.95
+    assert "test_acc" in stdout
+
+
+def test_compare_prints_table_and_writes_plot(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, stdout, err = run_cli(capsys, "compare", "--model", "mlp", "--data", "digits", "--epochs", "2",
+                                "--no-progress", "--out", str(tmp_path / "cmp"))
+    assert code == 0, err
+    assert "method" in stdout and "activation memory" in stdout and "bp" in stdout
+    png = tmp_path / "cmp" / "compare.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"plot: {png}" in stdout
+    code, stdout, _ = run_cli(capsys, "plot", str(tmp_path / "cmp" / "bp"), "-o", str(tmp_path / "p.png"))
+    assert code == 0 and (tmp_path / "p.png").is_file()
+
+
+def test_compare_falls_back_when_data_is_nowhere(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # MNIST is not among the development copies; an empty home makes sure no cached copy is found.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    code, stdout, err = run_cli(capsys, "compare", "--model", "mlp", "--data", "mnist", "--fallback-data",
+                                "digits", "--epochs", "1", "--no-progress", "--out", str(tmp_path / "cmp"))
+    assert code == 0, err
+    assert "mnist was not found" in err and "using digits instead" in err
+    assert "digits" in stdout
+
+
+def test_datasets_and_env_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "datasets")
+    assert code == 0
+    for name in ("fashion-mnist", "mnist", "cifar10", "cifar100", "digits", "synthetic"):
+        assert name in out
+    code, out, _ = run_cli(capsys, "env", "--json")
+    assert code == 0 and "torch" in json.loads(out)["packages"]
+
+
+def test_python_dash_m_gradkit_help() -> None:
+    proc = subprocess.run([sys.executable, "-m", "gradkit", "train", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0
+    assert "--resume" in proc.stdout and "--limit-train" in proc.stdout
