@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import make_blobs
 from gradkit import RunInterrupted, TrainConfig, TrainingDiverged, train
 from gradkit.checkpoint import load_checkpoint
 from gradkit.errors import ConfigError
 from gradkit.methods import Backprop
-
-from conftest import make_blobs
 
 REQUIRED_KEYS = {"epoch", "train_loss", "test_loss", "test_acc", "epoch_seconds", "samples_per_second"}
 

@@ -61,6 +61,7 @@ class Method(ABC):
 
     def flush(self) -> None:
         """Drain in-flight work (no-op for methods that keep none)."""
+        return None
 
     def buffer_bytes(self) -> int:
         """Bytes held in in-flight buffers between steps (0 for backprop)."""

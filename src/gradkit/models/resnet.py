@@ -260,9 +260,9 @@ def bottleneck_resnet(
         width: planes of the first stage (64 in the paper).
         zero_init_residual: start each block's last BN at zero (Goyal et al. 2017).
     """
-    depth = 3 * sum(layers) + 2
+    counts = positive_ints("bottleneck resnet", "layers", layers)
+    depth = 3 * sum(counts) + 2
     c, _, _ = image_shape(f"resnet{depth}", input_shape)
-    counts = positive_ints(f"resnet{depth}", "layers", layers)
     (width,) = positive_ints(f"resnet{depth}", "width", width)
     blocks: OrderedDict[str, nn.Module] = OrderedDict(stem=_stem(c, width))
     in_ch = width
