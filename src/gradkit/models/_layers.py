@@ -76,9 +76,7 @@ def conv_bn_relu(
     The conv has no bias when BN follows, since BN's shift makes it redundant.
     """
     layers: OrderedDict[str, nn.Module] = OrderedDict()
-    layers["conv"] = nn.Conv2d(
-        in_ch, out_ch, 3, stride=stride, padding=1, bias=not batch_norm
-    )
+    layers["conv"] = nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=not batch_norm)
     if batch_norm:
         layers["bn"] = nn.BatchNorm2d(out_ch)
     # Not in-place: gradkit methods may hook a layer's output (noise injection, compression), and an

@@ -7,8 +7,13 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from gradkit.models._layers import conv_bn_relu, image_shape, init_kaiming, pooled_size
-from gradkit.models._layers import positive_ints
+from gradkit.models._layers import (
+    conv_bn_relu,
+    image_shape,
+    init_kaiming,
+    pooled_size,
+    positive_ints,
+)
 from gradkit.models._registry import MODELS
 
 __all__ = ["cnn"]
@@ -45,9 +50,7 @@ def cnn(
         blocks[f"conv{i}"] = conv_bn_relu(c, out_ch, batch_norm=batch_norm, pool=True)
         c = out_ch
     blocks["fc"] = nn.Sequential(
-        OrderedDict(
-            flatten=nn.Flatten(), fc=nn.Linear(c * ph * pw, hidden), relu=nn.ReLU()
-        )
+        OrderedDict(flatten=nn.Flatten(), fc=nn.Linear(c * ph * pw, hidden), relu=nn.ReLU())
     )
     blocks["head"] = nn.Sequential(OrderedDict(fc=nn.Linear(hidden, num_classes)))
     model = nn.Sequential(blocks)

@@ -23,6 +23,8 @@ def mlp(
 ) -> nn.Sequential:
     """Multi-layer perceptron: blocks ``hidden1..hiddenN`` (Linear + ReLU) and ``head`` (Linear).
 
+    Hidden layers use He et al. (2015) normal init; the head keeps PyTorch's default.
+
     The input is flattened inside the first block, so any ``input_shape`` works. Each hidden layer is
     its own block, so the network can be split between any two layers.
 
@@ -46,7 +48,12 @@ def mlp(
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         if i == 1:
             layers["flatten"] = nn.Flatten()
-        layers["fc"] = nn.Linear(in_features, width)
+        fc = nn.Linear(in_features, width)
+        # He et al. (2015) init for ReLU layers: PyTorch's default (uniform, gain 1/sqrt(3)) shrinks
+        # the signal layer by layer and trains visibly slower in a short run (digits, 5 epochs).
+        nn.init.kaiming_normal_(fc.weight, nonlinearity="relu")
+        nn.init.zeros_(fc.bias)
+        layers["fc"] = fc
         layers["relu"] = nn.ReLU()
         blocks[f"hidden{i}"] = nn.Sequential(layers)
         in_features = width

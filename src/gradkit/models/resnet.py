@@ -220,7 +220,9 @@ def cifar_resnet(
     """
     c, _, _ = image_shape(f"resnet{depth}", input_shape)
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
-        raise ConfigError(f"CIFAR ResNet depth must be 6n+2 with n >= 1 (20, 32, 56, ...), got {depth}")
+        raise ConfigError(
+            f"CIFAR ResNet depth must be 6n+2 with n >= 1 (20, 32, 56, ...), got {depth}"
+        )
     if shortcut not in ("A", "B"):
         raise ConfigError(
             f"shortcut must be 'A' (zero-pad identity) or 'B' (1x1 conv + BN), got {shortcut!r}"
