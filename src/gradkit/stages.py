@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import statistics
 import time
 from collections.abc import Sequence
@@ -86,7 +87,7 @@ def split(
         sizes = _check_sizes(sizes, n)
     else:
         assert k is not None
-        _check_k(k, n)
+        k = _check_k(k, n)
         sizes = partition(_costs(model, balance, sample), k)
         logger.debug("split %d blocks into %s by %s", n, sizes, balance)
 
@@ -126,7 +127,7 @@ def partition(costs: Sequence[float], k: int) -> list[int]:
     """
     values = [float(c) for c in costs]
     n = len(values)
-    _check_k(k, n)
+    k = _check_k(k, n)
     bad = [c for c in values if not math.isfinite(c) or c < 0]
     if bad:
         raise ConfigError(f"costs must be finite and >= 0, got {bad[0]!r}; pass one cost per block")
@@ -194,9 +195,14 @@ def profile_blocks(model: nn.Sequential, sample: torch.Tensor, repeats: int = 3)
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     modes = [(m, m.training) for m in model.modules()]
     device = sample.device
-    devices = [device] if device.type == "cuda" else []
+    on_cpu = device.type == "cpu"
     try:
-        with torch.random.fork_rng(devices=devices):
+        with (
+            torch.random.fork_rng(
+                devices=[] if on_cpu else [device], device_type=None if on_cpu else device.type
+            ),
+            torch.enable_grad(),  # a caller's no_grad() would silently drop the backward timing
+        ):
             model.train()
             return _profile(model, sample, repeats)
     finally:
@@ -257,21 +263,41 @@ def _costs(model: nn.Sequential, balance: str, sample: torch.Tensor | None) -> l
     raise ConfigError(f"unknown balance {balance!r}; use one of: {', '.join(BALANCES)}")
 
 
-def _check_k(k: int, n: int) -> None:
-    if isinstance(k, bool) or not isinstance(k, int):
+def _as_int(value: object) -> int | None:
+    """``value`` as an int if it is an integer type (numpy ints too), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _check_k(k: int, n: int) -> int:
+    k_int = _as_int(k)
+    if k_int is None:
         raise ConfigError(f"k must be an int number of stages, got {k!r}; use 1 <= k <= {n}")
+    k = k_int
     if k < 1:
         raise ConfigError(f"k must be >= 1, got {k}; use k between 1 and {max(n, 1)}")
     if k > n:
         raise ConfigError(f"cannot split {n} blocks into {k} stages; use k <= {n}")
+    return k
 
 
 def _check_sizes(sizes: Sequence[int], n: int) -> list[int]:
-    sizes = list(sizes)
-    if not sizes:
+    try:
+        given = list(sizes)
+    except TypeError:
+        raise ConfigError(
+            f"sizes must be a list of blocks per stage summing to {n}, got {sizes!r}"
+        ) from None
+    if not given:
         raise ConfigError(f"sizes is empty; give blocks per stage summing to {n}, e.g. [{n}]")
-    if any(isinstance(s, bool) or not isinstance(s, int) for s in sizes):
-        raise ConfigError(f"sizes must be ints (blocks per stage), got {sizes}")
+    ints = [_as_int(s) for s in given]
+    if any(s is None for s in ints):
+        raise ConfigError(f"sizes must be ints (blocks per stage), got {given}")
+    sizes = [int(s) for s in ints]  # type: ignore[arg-type]
     if any(s < 1 for s in sizes):
         raise ConfigError(
             f"sizes must all be >= 1, got {sizes}; every stage needs at least one block"

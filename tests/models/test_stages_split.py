@@ -100,6 +100,8 @@ def test_one_stage_and_one_block_per_stage(resnet: nn.Sequential) -> None:
         ({"sizes": [2, 0, 2]}, "every stage needs at least one block"),
         ({"sizes": [5, -1]}, "every stage needs at least one block"),
         ({"sizes": []}, "summing to 4"),
+        ({"sizes": 4}, "must be a list of blocks per stage summing to 4"),
+        ({"sizes": [2.0, 2.0]}, "sizes must be ints"),
         ({"k": 2, "sizes": [2, 2]}, "not both"),
         ({}, "pass k (number of stages"),
         ({"k": 2, "balance": "flops"}, "use one of: count, params, time"),
@@ -113,6 +115,13 @@ def test_bad_arguments_raise_config_error(kwargs: dict, hint: str) -> None:
         split(model, **kwargs)
     assert hint in str(info.value)
     assert isinstance(info.value, ValueError)
+
+
+def test_integer_like_k_and_sizes_are_accepted() -> None:
+    np = pytest.importorskip("numpy")
+    model = linear_chain([4, 4, 4, 4, 4])
+    assert [len(s) for s in split(model, np.int64(2), balance="count")] == [2, 2]
+    assert [len(s) for s in split(model, sizes=np.array([1, 3]))] == [1, 3]
 
 
 def test_split_needs_sequential() -> None:
@@ -226,6 +235,21 @@ def test_time_balance_isolates_the_slow_block(heavy_at: int, sizes: list[int]) -
     light = max(t for i, t in enumerate(times) if i != heavy_at)
     assert times[heavy_at] > 5 * light
     assert [len(s) for s in split(model, 2, balance="time", sample=sample)] == sizes
+
+
+def test_backward_is_timed_even_under_no_grad(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real_grad = torch.autograd.grad
+
+    def counting_grad(*args, **kwargs):
+        calls.append(1)
+        return real_grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting_grad)
+    model = linear_chain([8, 8, 8, 8])
+    with torch.no_grad():
+        profile_blocks(model, torch.randn(4, 8), repeats=2)
+    assert len(calls) == 3 * (2 + 1)  # 3 blocks x (2 timed + 1 warm-up) backward passes
 
 
 def test_time_profiling_leaves_the_model_as_it_was(resnet: nn.Sequential) -> None:
