@@ -77,11 +77,14 @@ def split(
     n = len(model)
     if balance not in BALANCES:
         raise ConfigError(f"unknown balance {balance!r}; use one of: {', '.join(BALANCES)}")
-    if (k is None) == (sizes is None):
-        which = "both" if k is not None else "neither"
+    if k is not None and sizes is not None:
         raise ConfigError(
-            f"split got {which} of k and sizes; pass k (number of stages, balanced by balance=) "
-            "or sizes= (blocks per stage), not both"
+            f"split got both k={k!r} and sizes={list(sizes)!r}; pass one of them, not both"
+        )
+    if k is None and sizes is None:
+        raise ConfigError(
+            "split needs k or sizes: pass k (number of stages, balanced by balance=) "
+            "or sizes= (blocks per stage)"
         )
     if sizes is not None:
         sizes = _check_sizes(sizes, n)
