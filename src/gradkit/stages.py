@@ -78,9 +78,7 @@ def split(
     if balance not in BALANCES:
         raise ConfigError(f"unknown balance {balance!r}; use one of: {', '.join(BALANCES)}")
     if k is not None and sizes is not None:
-        raise ConfigError(
-            f"split got both k={k!r} and sizes={list(sizes)!r}; pass one of them, not both"
-        )
+        raise ConfigError(f"split got both k={k!r} and sizes={sizes!r}; pass one of them, not both")
     if k is None and sizes is None:
         raise ConfigError(
             "split needs k or sizes: pass k (number of stages, balanced by balance=) "
