@@ -40,7 +40,9 @@ class DatasetInfo:
 
     def __post_init__(self) -> None:
         if len(self.classes) != self.num_classes:
-            raise ValueError(f"{self.name}: {len(self.classes)} class names for {self.num_classes} classes")
+            raise ValueError(
+                f"{self.name}: {len(self.classes)} class names for {self.num_classes} classes"
+            )
         channels = self.input_shape[0] if self.input_shape else 0
         if len(self.mean) != channels or len(self.std) != channels:
             raise ValueError(f"{self.name}: mean/std need one value per channel ({channels})")
@@ -62,9 +64,14 @@ class Dataset:
     test_y: torch.Tensor
 
     def __post_init__(self) -> None:
-        for split, x, y in (("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y)):
+        for split, x, y in (
+            ("train", self.train_x, self.train_y),
+            ("test", self.test_x, self.test_y),
+        ):
             if x.dtype not in (torch.uint8, torch.float32):
-                raise DataError(f"{self.info.name}: {split}_x has dtype {x.dtype}; need uint8 or float32")
+                raise DataError(
+                    f"{self.info.name}: {split}_x has dtype {x.dtype}; need uint8 or float32"
+                )
             if y.dtype != torch.int64 or y.dim() != 1 or len(y) != len(x):
                 raise DataError(
                     f"{self.info.name}: {split} labels must be int64 with one label per example "
