@@ -1,7 +1,7 @@
 """Batches from in-memory tensors, reproducible per (seed, epoch, step) so that resumed runs match.
 
 Images stay uint8 in memory; each batch is gathered, augmented (on uint8, before scaling, exactly as
-padding PIL images with black would), then converted and normalised in one fused multiply-add. On a
+padding PIL images with black would), then converted and normalised with one in-place multiply and add. On a
 GPU the whole (uint8) split is copied to the device once, so a batch costs no host-to-device copy.
 """
 
@@ -137,4 +137,6 @@ class BatchLoader:
                     derive_seed(self.seed, epoch, _AUGMENTATION, step)
                 )
                 xb = random_crop_flip(xb, generator)
-            yield torch.addcmul(self._add, xb.to(torch.float32), self._mul), yb
+            # In place on a fresh float copy (3x faster on CPU than a broadcasting addcmul); copy=True
+            # because a float32 slice would otherwise be the dataset itself.
+            yield xb.to(torch.float32, copy=True).mul_(self._mul).add_(self._add), yb

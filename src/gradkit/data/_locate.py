@@ -80,6 +80,8 @@ _CIFAR_BATCH_FILES = {
     "cifar100": ("train", "test"),
 }
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+# Debian packages such as dataset-fashion-mnist install here.
+SYSTEM_ROOT = Path("/usr/share/datasets")
 
 
 @dataclass(frozen=True)
@@ -132,7 +134,7 @@ def search_roots(data_dir: str | os.PathLike[str] | None = None) -> list[Path]:
         roots.append(Path.home() / ".cache" / "gradkit")
     except RuntimeError:  # no home directory can be determined (HOME unset, no passwd entry)
         pass
-    roots.append(Path("/usr/share/datasets"))
+    roots.append(SYSTEM_ROOT)
     shared = _repo_shared()
     if shared is not None:
         roots.append(shared)
