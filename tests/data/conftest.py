@@ -33,6 +33,12 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return data
 
 
+@pytest.fixture
+def cifar_batches():
+    """The function :func:`write_cifar_batches`, for tests to call."""
+    return write_cifar_batches
+
+
 def write_cifar_batches(
     folder: Path, name: str = "cifar10", per_batch: int = 10, protocol: int = 2, seed: int = 0
 ):

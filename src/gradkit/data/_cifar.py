@@ -99,14 +99,14 @@ def _parse_batch(
     return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
-def _from_batches(files: dict[str, bytes], name: str, source: str) -> ImageTree:
+def _from_batches(files: dict[str, bytes], name: str, source: str, sep: str) -> ImageTree:
+    """Parse the batch files; ``source + sep + file`` names a file in messages (``/`` or ``:``)."""
     train_names, test_names, meta_name, label_key, names_key = BATCH_FILES[name]
     known = KNOWN_CLASSES[name]
     classes = known
     if meta_name in files:
-        meta = _text_keys(
-            safe_loads(files[meta_name], f"{source}:{meta_name}"), f"{source}:{meta_name}"
-        )
+        where = f"{source}{sep}{meta_name}"
+        meta = _text_keys(safe_loads(files[meta_name], where), where)
         names = meta.get(names_key)
         if isinstance(names, list) and len(names) == len(known):
             classes = tuple(n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names)
@@ -114,7 +114,10 @@ def _from_batches(files: dict[str, bytes], name: str, source: str) -> ImageTree:
     for batch_names in (train_names, test_names):
         parts = [
             _parse_batch(
-                safe_loads(files[b], f"{source}:{b}"), f"{source}:{b}", label_key, len(known)
+                safe_loads(files[b], f"{source}{sep}{b}"),
+                f"{source}{sep}{b}",
+                label_key,
+                len(known),
             )
             for b in batch_names
         ]
@@ -139,7 +142,7 @@ def _read_batch_dir(folder: Path, name: str) -> ImageTree:
                 files[b] = path.read_bytes()
             except OSError as exc:
                 raise DataError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    return _from_batches(files, name, str(folder))
+    return _from_batches(files, name, str(folder), "/")
 
 
 def _read_archive(path: Path, name: str) -> tuple[ImageTree, bool]:
@@ -151,7 +154,8 @@ def _read_archive(path: Path, name: str) -> tuple[ImageTree, bool]:
     batches = {PurePosixPath(m).name: b for m, b in members if PurePosixPath(m).name in wanted}
     train_names, test_names, *_ = BATCH_FILES[name]
     if all(b in batches for b in (*train_names, *test_names)):
-        return _from_batches(batches, name, str(path)), False
+        # Members are named archive:member in messages.
+        return _from_batches(batches, name, str(path), ":"), False
     images = [(m, b) for m, b in members if image_member(m) is not None]
     if not images:
         raise DataError(
