@@ -13,7 +13,36 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["random_crop_flip", "normalize"]
+__all__ = ["random_crop_flip", "crop_flip_params", "apply_crop_flip", "normalize"]
+
+
+def crop_flip_params(n: int, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
+    """Draw the random choices of :func:`random_crop_flip` for ``n`` images.
+
+    Returns:
+        int64 ``(3, n)`` on the generator's device: row offset, column offset (``0..2*padding``) and
+        flip (0 or 1) of each image.
+    """
+    offsets = torch.randint(
+        0, 2 * padding + 1, (2, n), generator=generator, device=generator.device
+    )
+    flip = torch.rand(n, generator=generator, device=generator.device) < 0.5
+    return torch.cat([offsets, flip[None].long()])
+
+
+def apply_crop_flip(x: torch.Tensor, params: torch.Tensor, padding: int = 4) -> torch.Tensor:
+    """Crop and flip a batch ``(N, C, H, W)`` as ``params`` (from :func:`crop_flip_params`) say."""
+    n, c, h, w = x.shape
+    params = params.to(x.device)
+    padded = F.pad(x, (padding, padding, padding, padding)) if padding else x
+    wp = w + 2 * padding
+    # Flat index into each padded image for every output pixel; a flip reverses the columns of the
+    # crop window, so crop and flip are a single gather (5x faster on CPU than 4-way fancy indexing).
+    rows = params[0, :, None] + torch.arange(h, device=x.device)  # (N, H)
+    cols_fwd = torch.arange(w, device=x.device)
+    cols = params[1, :, None] + torch.where(params[2, :, None] > 0, w - 1 - cols_fwd, cols_fwd)
+    index = (rows[:, :, None] * wp + cols[:, None, :]).reshape(n, 1, h * w).expand(n, c, h * w)
+    return torch.gather(padded.reshape(n, c, -1), 2, index).reshape(n, c, h, w)
 
 
 def random_crop_flip(x: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
@@ -38,24 +67,9 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator, padding: int =
     """
     if x.dim() != 4:
         raise ValueError(f"random_crop_flip needs a batch (N, C, H, W), got shape {tuple(x.shape)}")
-    n, c, h, w = x.shape
-    if n == 0:
+    if len(x) == 0:
         return x.clone()
-    gdev = generator.device
-    offsets = torch.randint(0, 2 * padding + 1, (2, n), generator=generator, device=gdev).to(
-        x.device
-    )
-    flip = (torch.rand(n, generator=generator, device=gdev) < 0.5).to(x.device)
-    padded = F.pad(x, (padding, padding, padding, padding)) if padding else x
-    wp = w + 2 * padding
-    # Flat index into each padded image for every output pixel; a flip reverses the columns of the
-    # crop window, so crop and flip are a single gather (5x faster on CPU than 4-way fancy indexing).
-    rows = offsets[0, :, None] + torch.arange(h, device=x.device)  # (N, H)
-    cols_fwd = torch.arange(w, device=x.device)
-    cols = offsets[1, :, None] + torch.where(flip[:, None], w - 1 - cols_fwd, cols_fwd)  # (N, W)
-    index = (rows[:, :, None] * wp + cols[:, None, :]).reshape(n, 1, h * w).expand(n, c, h * w)
-    out = torch.gather(padded.reshape(n, c, -1), 2, index)
-    return out.reshape(n, c, h, w)
+    return apply_crop_flip(x, crop_flip_params(len(x), generator, padding), padding)
 
 
 def normalize(

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from gradkit.data._augment import random_crop_flip
+from gradkit.data._augment import apply_crop_flip, crop_flip_params
 from gradkit.data._types import DatasetInfo
 from gradkit.errors import ConfigError
 
@@ -122,8 +122,26 @@ class BatchLoader:
             raise ConfigError(f"start_step must be in 0..{len(self)}, got {start_step}")
         return self._batches(epoch, start_step)
 
+    def _augment_params(self, epoch: int, start_step: int) -> torch.Tensor:
+        """Crop/flip choices of every batch from ``start_step`` on, each batch's from its own generator.
+
+        Drawn for the whole epoch at once and moved to the device in one copy: a small host-to-device
+        copy per batch would make the host wait for the device at every step.
+        """
+        n, bs = len(self._x), self.batch_size
+        params = []
+        for step in range(start_step, len(self)):
+            generator = torch.Generator().manual_seed(
+                derive_seed(self.seed, epoch, _AUGMENTATION, step)
+            )
+            params.append(crop_flip_params(min((step + 1) * bs, n) - step * bs, generator))
+        if not params:
+            return torch.empty(3, 0, dtype=torch.int64, device=self.device)
+        return torch.cat(params, dim=1).to(self.device)
+
     def _batches(self, epoch: int, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self._order(epoch)
+        params = self._augment_params(epoch, start_step) if self._augment else None
         n, bs = len(self._x), self.batch_size
         for step in range(start_step, len(self)):
             lo, hi = step * bs, min((step + 1) * bs, n)
@@ -132,11 +150,9 @@ class BatchLoader:
             else:
                 idx = order[lo:hi]
                 xb, yb = self._x[idx], self._y[idx]
-            if self._augment:
-                generator = torch.Generator().manual_seed(
-                    derive_seed(self.seed, epoch, _AUGMENTATION, step)
-                )
-                xb = random_crop_flip(xb, generator)
+            if params is not None:
+                offset = (step - start_step) * bs
+                xb = apply_crop_flip(xb, params[:, offset : offset + len(xb)])
             # In place on a fresh float copy (3x faster on CPU than a broadcasting addcmul); copy=True
             # because a float32 slice would otherwise be the dataset itself.
             yield xb.to(torch.float32, copy=True).mul_(self._mul).add_(self._add), yb
