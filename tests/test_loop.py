@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_blobs
 from gradkit import RunInterrupted, TrainConfig, TrainingDiverged, train
 from gradkit.checkpoint import load_checkpoint
+from gradkit.data import Dataset
 from gradkit.errors import ConfigError
 from gradkit.methods import Backprop
 
@@ -42,8 +42,8 @@ def losses(run_dir: Path) -> list[tuple[float, float, float]]:
     return [(r["train_loss"], r["test_loss"], r["test_acc"]) for r in rows]
 
 
-def test_metrics_and_run_folder(tmp_path: Path) -> None:
-    result = train(config(tmp_path / "run"), dataset=make_blobs())
+def test_metrics_and_run_folder(tmp_path: Path, blobs: Dataset) -> None:
+    result = train(config(tmp_path / "run"), dataset=blobs)
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3
     records = [json.loads(line) for line in lines]
@@ -59,38 +59,38 @@ def test_metrics_and_run_folder(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "run" / "config.json").read_text())["model"] == "mlp"
 
 
-def test_resume_after_crash_gives_the_same_weights(tmp_path: Path) -> None:
-    train(config(tmp_path / "full"), dataset=make_blobs())
+def test_resume_after_crash_gives_the_same_weights(tmp_path: Path, blobs: Dataset) -> None:
+    train(config(tmp_path / "full"), dataset=blobs)
 
     def crash(epoch: int, step: int, loss: float) -> None:
         if epoch == 1 and step == 4:
             raise RuntimeError("simulated crash")
 
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(config(tmp_path / "cut"), dataset=make_blobs(), on_step=crash)
+        train(config(tmp_path / "cut"), dataset=blobs, on_step=crash)
     assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["epoch"] == 1  # last good one kept
-    train(config(tmp_path / "cut", resume=True), dataset=make_blobs())
+    train(config(tmp_path / "cut", resume=True), dataset=blobs)
     assert_same_weights(tmp_path / "full", tmp_path / "cut")
     assert losses(tmp_path / "full") == losses(tmp_path / "cut")
 
 
-def test_ctrl_c_mid_epoch_saves_exact_position_and_resume_matches(tmp_path: Path) -> None:
-    train(config(tmp_path / "full"), dataset=make_blobs())
+def test_ctrl_c_mid_epoch_saves_exact_position_and_resume_matches(tmp_path: Path, blobs: Dataset) -> None:
+    train(config(tmp_path / "full"), dataset=blobs)
 
     def ctrl_c(epoch: int, step: int, loss: float) -> None:
         if epoch == 1 and step == 5:
             os.kill(os.getpid(), signal.SIGINT)
 
     with pytest.raises(RunInterrupted, match="continue with --resume"):
-        train(config(tmp_path / "cut"), dataset=make_blobs(), on_step=ctrl_c)
+        train(config(tmp_path / "cut"), dataset=blobs, on_step=ctrl_c)
     saved = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
     assert (saved["epoch"], saved["step_in_epoch"]) == (1, 5)
-    train(config(tmp_path / "cut", resume=True), dataset=make_blobs())
+    train(config(tmp_path / "cut", resume=True), dataset=blobs)
     assert_same_weights(tmp_path / "full", tmp_path / "cut")
     assert losses(tmp_path / "full") == losses(tmp_path / "cut")
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, blobs: Dataset, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = {"n": 0}
     real_step = Backprop.step
 
@@ -100,31 +100,31 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, monkeypat
 
     monkeypatch.setattr(Backprop, "step", step)
     with pytest.raises(TrainingDiverged, match=r"loss became nan at epoch 2 step 3; the last good checkpoint"):
-        train(config(tmp_path / "run"), dataset=make_blobs())  # 12 steps per epoch
+        train(config(tmp_path / "run"), dataset=blobs)  # 12 steps per epoch
     saved = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert saved["epoch"] == 1 and len(losses(tmp_path / "run")) == 1
 
 
-def test_existing_run_needs_resume(tmp_path: Path) -> None:
-    train(config(tmp_path / "run", epochs=1), dataset=make_blobs())
+def test_existing_run_needs_resume(tmp_path: Path, blobs: Dataset) -> None:
+    train(config(tmp_path / "run", epochs=1), dataset=blobs)
     with pytest.raises(ConfigError, match="already holds a run; pass --resume"):
-        train(config(tmp_path / "run", epochs=1), dataset=make_blobs())
+        train(config(tmp_path / "run", epochs=1), dataset=blobs)
 
 
-def test_resume_refuses_changed_options(tmp_path: Path) -> None:
-    train(config(tmp_path / "run", epochs=1), dataset=make_blobs())
+def test_resume_refuses_changed_options(tmp_path: Path, blobs: Dataset) -> None:
+    train(config(tmp_path / "run", epochs=1), dataset=blobs)
     with pytest.raises(ConfigError, match=r"lr=0.05 \(now 0.1\)"):
-        train(config(tmp_path / "run", epochs=2, lr=0.1, resume=True), dataset=make_blobs())
+        train(config(tmp_path / "run", epochs=2, lr=0.1, resume=True), dataset=blobs)
 
 
-def test_resume_can_extend_epochs(tmp_path: Path) -> None:
-    train(config(tmp_path / "run", epochs=1, schedule="constant"), dataset=make_blobs())
-    result = train(config(tmp_path / "run", epochs=2, schedule="constant", resume=True), dataset=make_blobs())
+def test_resume_can_extend_epochs(tmp_path: Path, blobs: Dataset) -> None:
+    train(config(tmp_path / "run", epochs=1, schedule="constant"), dataset=blobs)
+    result = train(config(tmp_path / "run", epochs=2, schedule="constant", resume=True), dataset=blobs)
     assert [r["epoch"] for r in result.history] == [1, 2]
 
 
-def test_stages_split_is_saved_and_too_many_stages_is_an_error(tmp_path: Path) -> None:
-    result = train(config(tmp_path / "run", epochs=1, stages=2), dataset=make_blobs())
+def test_stages_split_is_saved_and_too_many_stages_is_an_error(tmp_path: Path, blobs: Dataset) -> None:
+    result = train(config(tmp_path / "run", epochs=1, stages=2), dataset=blobs)
     assert len(result.stage_sizes) == 2
     with pytest.raises(ConfigError, match="use --stages <="):
-        train(config(None, epochs=1, stages=50), dataset=make_blobs())
+        train(config(None, epochs=1, stages=50), dataset=blobs)
