@@ -223,6 +223,26 @@ def test_image_tree_targz_and_cache(
     assert again.info == ds.info
 
 
+def test_plain_tar_without_top_folder(isolated: Path, tmp_path: Path) -> None:
+    images = write_tree(tmp_path / "src", per_class=(1, 1))
+    with tarfile.open(isolated / "cifar10.tar", "w") as tf:
+        for split in ("train", "test"):
+            tf.add(tmp_path / "src" / split, arcname=split)
+    check_tree(load_dataset("cifar10", isolated), images)
+
+
+def test_archive_without_data_is_named(isolated: Path, tmp_path: Path) -> None:
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "readme.txt").write_text("hello")
+    make_tar(isolated / "cifar10.tar.gz", tmp_path / "junk", "junk")
+    with pytest.raises(DataError, match="holds neither the official cifar10 batches") as info:
+        load_dataset("cifar10", isolated)
+    assert str(isolated / "cifar10.tar.gz") in str(info.value)
+    (isolated / "cifar10.tar.gz").write_bytes(b"not a tar at all")
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        load_dataset("cifar10", isolated)
+
+
 def test_changed_folder_is_decoded_again(isolated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = isolated / "cifar10"
     write_tree(root)
