@@ -116,3 +116,31 @@ def test_python_dash_m_gradkit_help() -> None:
                           timeout=120)
     assert proc.returncode == 0
     assert "--resume" in proc.stdout and "--limit-train" in proc.stdout
+
+
+@pytest.mark.slow
+def test_cnn_on_fashion_mnist_reaches_88_percent_in_3_epochs(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, shared_datasets: Path
+) -> None:
+    out = tmp_path / "D"
+    code, _, err = run_cli(capsys, "train", "--method", "bp", "--model", "cnn", "--data", "fashion-mnist",
+                           "--epochs", "3", "--no-progress", "--out", str(out))
+    assert code == 0, err
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert records[-1]["test_acc"] >= 0.88
+
+
+@pytest.mark.slow
+def test_resnet20_runs_on_the_development_copy_of_cifar10(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, shared_datasets: Path
+) -> None:
+    out = tmp_path / "D"
+    code, _, err = run_cli(capsys, "train", "--method", "bp", "--model", "resnet20", "--data", "cifar10",
+                           "--limit-train", "5000", "--limit-test", "1000", "--epochs", "1", "--no-progress",
+                           "--out", str(out))
+    assert code == 0, err
+    (record,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert record["test_acc"] > 0.15  # one epoch on 5,000 images: clearly above chance (0.10)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["model"], config["limit_train"]) == ("resnet20", 5000)
