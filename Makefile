@@ -14,7 +14,7 @@ install:
 # The main job: every registered method side by side on Fashion-MNIST (digits when it is nowhere).
 demo: install
 	$(PYTHON) -m gradkit compare --model cnn --data fashion-mnist --fallback-data digits \
-		--epochs 3 --limit-train 12000 --limit-test 5000 --optimizer adam --out $(DEMO_OUT)
+		--epochs 3 --limit-train 12000 --limit-test 5000 --out $(DEMO_OUT)
 
 test: install
 	$(PYTHON) -m pytest -q

@@ -127,6 +127,37 @@ def _stop_on_sigint() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
+_CURVE_POINTS_PER_EPOCH = 10
+
+
+@dataclass
+class _EpochTally:
+    """Running sums of the epoch in progress (saved in checkpoints so a resumed epoch adds up)."""
+
+    loss_sum: float = 0.0
+    samples: int = 0
+    seconds: float = 0.0
+    window_loss: float = 0.0
+    window_samples: int = 0
+    curve: list[list[float]] = field(default_factory=list)
+    """[epoch progress, training seconds since the run began, mean train loss of the window] points,
+    about ten per epoch, so short runs still plot as curves."""
+
+    def add(self, loss: float, n: int) -> None:
+        self.loss_sum += loss * n
+        self.samples += n
+        self.window_loss += loss * n
+        self.window_samples += n
+
+    def close_window(self, progress: float, elapsed_total: float) -> None:
+        if self.window_samples:
+            self.curve.append([progress, elapsed_total, self.window_loss / self.window_samples])
+        self.window_loss, self.window_samples = 0.0, 0
+
+    def state(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
 def _append_metrics(path: Path, record: dict[str, Any]) -> None:
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
@@ -180,7 +211,7 @@ class _Run:
         )
 
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
-        self.partial = {"loss_sum": 0.0, "samples": 0, "seconds": 0.0}
+        self.tally = _EpochTally()
         self.history: list[dict[str, Any]] = []
         self.memory: MemoryReport | None = None
         self.activation_bytes: int | None = None
@@ -228,7 +259,7 @@ class _Run:
         self.epoch = saved["epoch"]
         self.step_in_epoch = saved["step_in_epoch"]
         self.global_step = saved["global_step"]
-        self.partial = dict(saved["partial"])
+        self.tally = _EpochTally(**saved["tally"])
         self.history = list(saved["history"])
         self.activation_bytes = saved.get("activation_bytes")
         torch.set_rng_state(saved["rng"]["cpu"])
@@ -251,7 +282,7 @@ class _Run:
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step,
-            "partial": self.partial,
+            "tally": self.tally.state(),
             "history": self.history,
             "activation_bytes": self.activation_bytes,
             "rng": {
@@ -292,7 +323,10 @@ class _Run:
             leave=False,
             dynamic_ncols=True,
         )
-        start = time.perf_counter() - self.partial["seconds"]
+        tally = self.tally
+        start = time.perf_counter() - tally.seconds
+        run_seconds_before = self.history[-1]["elapsed_seconds"] if self.history else 0.0
+        window = max(1, steps_per_epoch // _CURVE_POINTS_PER_EPOCH)
         for x, y in self.train_loader.epoch(epoch, start_step=self.step_in_epoch):
             progress = epoch + self.step_in_epoch / steps_per_epoch
             self.method.set_lr_factor(schedule.factor(progress, total_epochs=config.epochs))
@@ -306,13 +340,14 @@ class _Run:
                 self._diverged(loss)
             self.step_in_epoch += 1
             self.global_step += 1
-            self.partial["loss_sum"] += loss * y.shape[0]
-            self.partial["samples"] += y.shape[0]
+            tally.add(loss, y.shape[0])
             elapsed = time.perf_counter() - start
-            self.partial["seconds"] = elapsed
+            tally.seconds = elapsed
+            if self.step_in_epoch % window == 0 or self.step_in_epoch == steps_per_epoch:
+                tally.close_window(epoch + self.step_in_epoch / steps_per_epoch, run_seconds_before + elapsed)
             bar.update(1)
             if config.progress and (self.step_in_epoch % 10 == 0 or self.step_in_epoch == steps_per_epoch):
-                postfix = {"loss": f"{loss:.4f}", "samples/s": f"{self.partial['samples'] / elapsed:.0f}"}
+                postfix = {"loss": f"{loss:.4f}", "samples/s": f"{tally.samples / elapsed:.0f}"}
                 if last_acc is not None:
                     postfix["test_acc"] = f"{last_acc:.4f}"
                 bar.set_postfix(postfix, refresh=False)
@@ -326,12 +361,12 @@ class _Run:
     def _end_epoch(self) -> None:
         eval_start = time.perf_counter()
         test_loss, test_acc = evaluate(self.method, self.test_loader)
-        seconds = self.partial["seconds"]
-        samples = self.partial["samples"]
+        tally = self.tally
+        seconds, samples = tally.seconds, tally.samples
         train_time = (self.history[-1]["elapsed_seconds"] if self.history else 0.0) + seconds
         record = {
             "epoch": self.epoch + 1,
-            "train_loss": self.partial["loss_sum"] / max(samples, 1),
+            "train_loss": tally.loss_sum / max(samples, 1),
             "test_loss": test_loss,
             "test_acc": test_acc,
             "epoch_seconds": seconds,
@@ -341,11 +376,12 @@ class _Run:
             "lr": self.method.optimizers[0].param_groups[0]["lr"],
             "activation_bytes": self.activation_bytes,
             "method": self.config.method,
+            "train_curve": tally.curve,
         }
         self.history.append(record)
         self.epoch += 1
         self.step_in_epoch = 0
-        self.partial = {"loss_sum": 0.0, "samples": 0, "seconds": 0.0}
+        self.tally = _EpochTally()
         # Checkpoint first: metrics.jsonl is rebuilt from the checkpoint on resume.
         self.checkpoint()
         if self.out is not None:

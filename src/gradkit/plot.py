@@ -50,9 +50,16 @@ def plot_runs(
         color = f"C{i}"
         epochs = [h["epoch"] for h in rec.history]
         seconds = [h["elapsed_seconds"] for h in rec.history]
-        for ax, xs in ((axes[0], epochs), (axes[1], seconds)):
-            ax.plot(xs, [h["train_loss"] for h in rec.history], "-", color=color, label=f"{rec.label} train")
-            ax.plot(xs, [h["test_loss"] for h in rec.history], "--", color=color, label=f"{rec.label} test")
+        # Train loss within epochs where recorded (about ten points per epoch), else per epoch.
+        curve = [pt for h in rec.history for pt in h.get("train_curve") or []]
+        if curve:
+            train_x = ([pt[0] for pt in curve], [pt[1] for pt in curve])
+            train_loss = [pt[2] for pt in curve]
+        else:
+            train_x, train_loss = (epochs, seconds), [h["train_loss"] for h in rec.history]
+        for ax, xs, txs in ((axes[0], epochs, train_x[0]), (axes[1], seconds, train_x[1])):
+            ax.plot(txs, train_loss, "-", color=color, alpha=0.9, label=f"{rec.label} train")
+            ax.plot(xs, [h["test_loss"] for h in rec.history], "o--", color=color, label=f"{rec.label} test")
     axes[0].set_xlabel("epoch")
     axes[1].set_xlabel("training time (s)")
     for ax in axes:
