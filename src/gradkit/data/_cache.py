@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gradkit._fileio import atomic_write
+
 __all__ = ["cache_dir", "fingerprint", "load_cached", "save_cached"]
 
 log = logging.getLogger(__name__)
@@ -81,28 +83,12 @@ def save_cached(name: str, key: str, arrays: dict[str, np.ndarray]) -> Path | No
     crash or a concurrent run never leaves a half-written entry under the real name.
     """
     path = _entry(name, key)
-    tmp_name = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(
-            dir=path.parent, prefix=path.name, suffix=".tmp", delete=False
-        ) as f:
-            tmp_name = f.name
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates 0600; a cache shared through $GRADKIT_CACHE should be readable by others.
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, path)
+        atomic_write(path, lambda f: np.savez(f, **arrays))
     except OSError as exc:
         log.warning(
             "cannot write the decoded-image cache %s (%s); the next run decodes again", path, exc
         )
-        if tmp_name is not None:
-            try:
-                os.unlink(tmp_name)
-            except OSError:
-                pass
         return None
     log.info("cached decoded %s images in %s", name, path)
     return path

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from gradkit._fileio import fsync_dir
 from gradkit.errors import ConfigError, DataError
 
 __all__ = ["RemoteFile", "REMOTE_FILES", "fetch", "download", "default_download_root"]
@@ -72,20 +73,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename itself durable; not possible on every platform or file system, hence best effort.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def fetch(url: str, dest: Path, sha256: str, *, timeout: float = 60.0) -> Path:
@@ -146,7 +133,7 @@ def fetch(url: str, dest: Path, sha256: str, *, timeout: float = 60.0) -> Path:
                 f"({received} bytes); not saved to {dest}"
             )
         os.replace(part, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
     except DataError:
         part.unlink(missing_ok=True)
         raise
