@@ -15,7 +15,12 @@ object per epoch), checkpoint.pt (replaced atomically every epoch and on Ctrl-C)
 
 example:
   gradkit train --method bp --model cnn --data fashion-mnist --epochs 3 --out runs/cnn
-  gradkit train --method bp --model cnn --data fashion-mnist --epochs 6 --out runs/cnn --resume
+  gradkit train --method bp --model cnn --data fashion-mnist --epochs 3 --out runs/cnn --resume
+
+--resume continues an interrupted run from its checkpoint (same options; only --epochs, --threads and
+--device may change) and ends with the same weights as an uninterrupted run. A larger --epochs
+extends a finished run, but with the cosine or default multistep schedule the learning rate then
+follows the new length.
 """
 
 
