@@ -11,7 +11,7 @@ from typing import IO
 __all__ = ["atomic_write", "fsync_dir"]
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object]) -> Path:
     """Call ``write(f)`` on a temporary file and move it to ``path`` only once it is complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

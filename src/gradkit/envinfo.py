@@ -28,7 +28,7 @@ def _cpu_name() -> str:
 
 def collect() -> dict[str, Any]:
     """Facts about this machine and its software that affect results and speed."""
-    versions = {}
+    versions: dict[str, str | None] = {}
     for name in _PACKAGES:
         try:
             versions[name] = importlib.metadata.version(name)

@@ -89,7 +89,7 @@ def evaluate(method: Method, loader: BatchLoader) -> tuple[float, float]:
     for x, y in loader.epoch(0):
         out = method.predict(x)
         loss_sum += method.loss_fn(out, y).item() * y.numel()
-        correct += (out.argmax(dim=1) == y).sum().item()
+        correct += int((out.argmax(dim=1) == y).sum().item())
         count += y.numel()
     if was_training:
         method.train()

@@ -84,7 +84,7 @@ def save_cached(name: str, key: str, arrays: dict[str, np.ndarray]) -> Path | No
     """
     path = _entry(name, key)
     try:
-        atomic_write(path, lambda f: np.savez(f, **arrays))
+        atomic_write(path, lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
     except OSError as exc:
         log.warning(
             "cannot write the decoded-image cache %s (%s); the next run decodes again", path, exc

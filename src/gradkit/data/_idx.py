@@ -20,7 +20,7 @@ from gradkit.errors import DataError
 __all__ = ["read_idx", "IDX_DTYPES"]
 
 # Type code -> big-endian numpy dtype.
-IDX_DTYPES = {
+IDX_DTYPES: dict[int, np.dtype] = {
     0x08: np.dtype(">u1"),
     0x09: np.dtype(">i1"),
     0x0B: np.dtype(">i2"),
