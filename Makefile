@@ -21,6 +21,7 @@ test: install
 
 lint:
 	ruff check src tests benchmarks
+	mypy
 
 bench-overhead: install
 	$(PYTHON) benchmarks/overhead/run.py

@@ -268,7 +268,11 @@ class _Run:
         # The checkpoint is the truth: metrics lines written after it was saved are dropped.
         assert self.out is not None
         _rewrite_metrics(self.out / METRICS, self.history)
-        log.info("resuming %s at epoch %d step %d", self.out, self.epoch + 1, self.step_in_epoch)
+        if self.epoch >= self.config.epochs:
+            log.info("the run in %s already finished its %d epochs; pass a larger --epochs to train on",
+                     self.out, self.epoch)
+        else:
+            log.info("resuming %s at epoch %d step %d", self.out, self.epoch + 1, self.step_in_epoch)
 
     # -- persistence ------------------------------------------------------------------------------
     def checkpoint(self) -> Path | None:

@@ -53,7 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except GradkitError as exc:
-        print(f"gradkit {args.command}: error: {exc}", file=sys.stderr)
+        # Ctrl-C is not an error; its message already says what was saved.
+        kind = "" if exc.exit_code == 130 else "error: "
+        print(f"gradkit {args.command}: {kind}{exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"gradkit {args.command}: interrupted", file=sys.stderr)
