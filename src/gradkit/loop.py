@@ -247,6 +247,8 @@ class _Run:
             raise ConfigError(
                 f"--stages {k} is more than the {blocks} blocks of {self.config.model}; use --stages <= {blocks}"
             )
+        if k == 1:
+            return [blocks]
         sample = None
         if self.config.balance == "time":
             x, _ = next(iter(self.train_loader.epoch(0)))
