@@ -47,9 +47,9 @@ class Registry(Generic[T]):
         def decorator(obj: T) -> T:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is already registered")
-            doc = help or (getattr(obj, "__doc__", None) or "").strip().splitlines()[0:1]
-            text = doc if isinstance(doc, str) else (doc[0] if doc else "")
-            self._entries[name] = Entry(name, obj, text)
+            # Without help=, the first line of the docstring describes the entry.
+            doc_lines = (getattr(obj, "__doc__", None) or "").strip().splitlines()
+            self._entries[name] = Entry(name, obj, help or (doc_lines[0] if doc_lines else ""))
             return obj
 
         return decorator
