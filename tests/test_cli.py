@@ -144,3 +144,17 @@ def test_resnet20_runs_on_the_development_copy_of_cifar10(
     assert record["test_acc"] > 0.15  # one epoch on 5,000 images: clearly above chance (0.10)
     config = json.loads((out / "config.json").read_text())
     assert (config["model"], config["limit_train"]) == ("resnet20", 5000)
+
+
+def test_method_option_flag_parses_values_and_rejects_unknown_keys(capsys):
+    from gradkit.cli._parser import _method_option
+
+    assert _method_option("bn_policy=reference") == ("bn_policy", "reference")
+    assert _method_option("double-first-lr=true") == ("double_first_lr", True)
+    assert _method_option("copies=8") == ("copies", 8)
+    assert _method_option("sigma=0.5") == ("sigma", 0.5)
+    code = main(["train", "--model", "mlp", "--data", "synthetic", "--epochs", "1",
+                 "--out", "/tmp/gradkit-never-written", "-o", "nosuch=1", "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("gradkit train: error: method 'bp' does not take option 'nosuch'")

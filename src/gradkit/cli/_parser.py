@@ -42,6 +42,31 @@ def _milestones(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated epochs like 150,225, got {text!r}") from None
 
 
+def _option_value(text: str) -> object:
+    """``true``/``false``, an int, a float, or the text itself."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "yes", "on"):
+        return True
+    if lowered in ("false", "no", "off"):
+        return False
+    if lowered in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _method_option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    key = key.strip().replace("-", "_")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE like bn_policy=replay, got {text!r}")
+    return key, _option_value(value)
+
+
 def add_training_args(parser: argparse.ArgumentParser, *, single_method: bool = True) -> None:
     """The options of ``gradkit train`` (``compare`` shares all but --method/--out/--resume)."""
     what = parser.add_argument_group("what to train")
@@ -60,6 +85,10 @@ def add_training_args(parser: argparse.ArgumentParser, *, single_method: bool = 
                       help="split the model into K pipeline stages (default: 1)")
     what.add_argument("--balance", default=_DEFAULTS.balance, choices=BALANCES,
                       help="how stages are balanced (default: %(default)s)")
+    what.add_argument("-o", "--option", dest="method_options", type=_method_option, action="append",
+                      default=[], metavar="KEY=VALUE",
+                      help="a method-specific option, repeatable (e.g. -o bn_policy=reference); "
+                           "an unknown key is an error that lists the method's options")
 
     how = parser.add_argument_group("how to train")
     how.add_argument("--epochs", type=_positive_int, default=_DEFAULTS.epochs, help="default: %(default)s")
@@ -92,6 +121,7 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> TrainConf
         download=args.download,
         stages=args.stages,
         balance=args.balance,
+        method_options=dict(getattr(args, "method_options", None) or []),
         epochs=args.epochs,
         batch_size=args.batch_size,
         optimizer=args.optimizer,
