@@ -1,7 +1,21 @@
 """Training methods, by name: ``gradkit.methods.build("bp", stages, ...)``."""
 
 from gradkit.methods._base import LossFn, Method
+from gradkit.methods._pipelined import PipelineMethod
 from gradkit.methods._registry import METHODS, build
 from gradkit.methods.backprop import Backprop
+from gradkit.methods.delayed_gradients import DelayedGradients
+from gradkit.methods.features_replay import FeaturesReplay
+from gradkit.methods.synthetic_gradients import SyntheticGradients
 
-__all__ = ["METHODS", "Backprop", "LossFn", "Method", "build"]
+__all__ = [
+    "METHODS",
+    "Backprop",
+    "DelayedGradients",
+    "FeaturesReplay",
+    "LossFn",
+    "Method",
+    "PipelineMethod",
+    "SyntheticGradients",
+    "build",
+]

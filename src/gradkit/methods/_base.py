@@ -48,6 +48,9 @@ class Method(ABC):
         self.optimizer_factory: OptimizerFactory = (
             optimizer if optimizer is not None else OptimizerConfig().factory()
         )
+        self.update_observers: list[Callable[[int, int, Sequence[nn.Parameter]], None]] = []
+        """Called as ``observer(stage, batch, params)`` before each optimizer step, with the gradients
+        about to be applied in ``p.grad`` (the direction diagnostics use it)."""
 
     # -- training ---------------------------------------------------------------------------------
     @abstractmethod
@@ -66,6 +69,19 @@ class Method(ABC):
     def buffer_bytes(self) -> int:
         """Bytes held in in-flight buffers between steps (0 for backprop)."""
         return 0
+
+    def stage_buffers(self) -> list[dict[str, list[torch.Tensor]]]:
+        """Per stage, the tensors held between steps by category (FIFO, stashed graphs, ...)."""
+        return [{} for _ in self.stages]
+
+    @property
+    def steady_step(self) -> int:
+        """The first step at which every stage runs its full workload (memory is measured there)."""
+        return 0
+
+    def _notify_update(self, stage: int, batch: int, params: Sequence[nn.Parameter]) -> None:
+        for observer in self.update_observers:
+            observer(stage, batch, params)
 
     def set_lr_factor(self, factor: float) -> None:
         """Scale every parameter group's initial learning rate by ``factor`` (used by schedules)."""

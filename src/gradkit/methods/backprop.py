@@ -42,5 +42,7 @@ class Backprop(Method):
         loss = self.loss_fn(self.forward(x), y)
         self._optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.update_observers:
+            self._notify_update(0, -1, self.parameters())
         self._optimizer.step()
         return loss.item()

@@ -1,0 +1,135 @@
+"""The common base of decoupled methods (FR, DDG, DNI): workers driven by a schedule."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradkit.memory import tensor_bytes
+from gradkit.methods._base import LossFn, Method
+from gradkit.optim import OptimizerFactory
+from gradkit.pipeline.local import LocalExecutor
+from gradkit.pipeline.schedule import Schedule
+from gradkit.pipeline.worker import PipelineError, StageWorker
+
+__all__ = ["PipelineMethod"]
+
+
+class PipelineMethod(Method):
+    """A method whose stages update independently, in the order a :class:`Schedule` gives.
+
+    Each stage gets its own optimizer and a :class:`StageWorker`; a :class:`LocalExecutor` runs the
+    schedule in this process. The epoch boundary does not drain the pipeline (batches in flight carry
+    over, as in the reference code); :meth:`flush` does.
+
+    Args:
+        stages, loss_fn, optimizer: see :class:`Method`.
+        record_timeline: keep every executed (step, stage, action, batch) in ``executor.timeline``.
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[nn.Module],
+        *,
+        loss_fn: LossFn | None = None,
+        optimizer: OptimizerFactory | None = None,
+        record_timeline: bool = False,
+    ) -> None:
+        super().__init__(stages, loss_fn=loss_fn, optimizer=optimizer)
+        self.schedule = self.make_schedule(len(self.stages))
+        self.workers: list[StageWorker] = []
+        for k, stage in enumerate(self.stages):
+            params = [p for p in stage.parameters() if p.requires_grad]
+            worker = self.make_worker(k, stage, self.optimizer_factory(params))
+            worker.observers = self.update_observers
+            self.workers.append(worker)
+        self.executor = LocalExecutor(self.schedule, self.workers, record_timeline=record_timeline)
+        self._step = 0
+        """Steps since the pipeline was last empty; batch ids count from there."""
+
+    @abstractmethod
+    def make_schedule(self, num_stages: int) -> Schedule:
+        """The schedule this method runs."""
+
+    @abstractmethod
+    def make_worker(self, index: int, module: nn.Module, optimizer: torch.optim.Optimizer) -> StageWorker:
+        """The worker of stage ``index``."""
+
+    # -- training ---------------------------------------------------------------------------------------
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        opts = [w.optimizer for w in self.workers]
+        for w in self.workers:
+            opts.extend(w.extra_optimizers())
+        return opts
+
+    @property
+    def steady_step(self) -> int:
+        return self.schedule.drain_steps()
+
+    @property
+    def in_flight_batches(self) -> int:
+        """Batches fed since the pipeline was last empty."""
+        return self._step
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        self.executor.run_step(self._step, x, y)
+        self._step += 1
+        loss = self.workers[-1].last_loss
+        if loss is None:  # the last stage runs every batch in its own step; a schedule bug otherwise
+            raise PipelineError(f"{self.name}: the last stage produced no loss at step {self._step - 1}")
+        return loss
+
+    def flush(self) -> None:
+        """Finish every batch in flight (K-1 steps without new data for FR and DDG)."""
+        if self._step == 0:
+            return
+        last_batch = self._step - 1
+        for i in range(self.schedule.drain_steps()):
+            self.executor.run_step(self._step + i, last_batch=last_batch)
+        if not self.executor.empty():
+            raise PipelineError(f"{self.name}: messages left after draining the pipeline")
+        for w in self.workers:
+            w.reset()
+        self._step = 0
+
+    # -- memory -----------------------------------------------------------------------------------------
+    def stage_buffers(self) -> list[dict[str, list[torch.Tensor]]]:
+        per_stage = [dict(w.buffers()) for w in self.workers]
+        for k, tensors in self.executor.in_flight().items():
+            if 0 <= k < len(per_stage):
+                per_stage[k]["messages"] = tensors
+        return per_stage
+
+    def buffer_bytes(self) -> int:
+        return tensor_bytes(t for stage in self.stage_buffers() for ts in stage.values() for t in ts)
+
+    # -- persistence ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["pipeline"] = {
+            "step": self._step,
+            "channels": self.executor.state(),
+            "workers": [w.buffer_state() for w in self.workers],
+        }
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pipeline = state.get("pipeline")
+        if pipeline is None:
+            raise ValueError(f"state for {self.name!r} has no pipeline buffers")
+        if len(pipeline["workers"]) != len(self.workers):
+            raise ValueError(f"state has {len(pipeline['workers'])} stages but this method has {len(self.workers)}")
+        # Weights first: rebuilding stashed graphs (DDG) needs the saved weights in place, and
+        # synthesizers (DNI) must exist before their optimizers' states are loaded.
+        for stage, sd in zip(self.stages, state["stages"], strict=True):
+            stage.load_state_dict(sd)
+        for worker, ws in zip(self.workers, pipeline["workers"], strict=True):
+            worker.load_buffer_state(ws)
+        super().load_state_dict(state)
+        self.executor.load_state(pipeline["channels"])
+        self._step = pipeline["step"]

@@ -1,0 +1,125 @@
+"""Features Replay (Huo, Gu, Huang: "Training Neural Networks Using Features Replay", NeurIPS 2018).
+
+Stage k < K-1 keeps only its last K-k *inputs*. Each iteration it plays the newest input forward
+without a graph, then replays the oldest input with its current weights and backpropagates the error
+gradient δ that stage k+1 computed for that batch one iteration earlier (Algorithm 1). Stages never
+wait for the backward pass of the stages above them, and memory stays O(L + K²) (Table 1) because
+no graph outlives its iteration. The last stage never replays; with K=1 this is exactly backprop.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradkit.errors import ConfigError
+from gradkit.methods._base import LossFn
+from gradkit.methods._pipelined import PipelineMethod
+from gradkit.methods._registry import METHODS
+from gradkit.optim import OptimizerFactory
+from gradkit.pipeline.batchnorm import BN_POLICIES, frozen_running_stats
+from gradkit.pipeline.schedule import Action, ReplaySchedule, Schedule
+from gradkit.pipeline.worker import PipelineError, StageWorker
+
+__all__ = ["FeaturesReplay", "ReplayWorker"]
+
+
+class ReplayWorker(StageWorker):
+    """One Features Replay stage: a FIFO of inputs, play, replay, update."""
+
+    def __init__(self, index: int, num_stages: int, module: nn.Module, optimizer: torch.optim.Optimizer,
+                 *, loss_fn: LossFn, bn_policy: str) -> None:
+        super().__init__(index, num_stages, module, optimizer)
+        self.loss_fn = loss_fn
+        self.bn_policy = bn_policy
+        self.fifo: deque[tuple[int, torch.Tensor]] = deque()
+
+    def execute(self, action: Action, received: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if action.op == "play":
+            x = received["activation"].detach()
+            with torch.no_grad():
+                out = self.module(x)
+            self.fifo.append((action.batch, x))
+            return {"activation": out}
+        if action.op == "replay":
+            return self._replay(action.batch, received["delta"])
+        if action.op == "update":
+            self.update(action.batch)
+            return {}
+        if action.op == "loss":
+            return self.loss_step(action.batch, received, self.loss_fn)
+        raise PipelineError(f"features replay has no action {action.op!r}")
+
+    def _replay(self, batch: int, delta: torch.Tensor) -> dict[str, torch.Tensor]:
+        stored, x = self.fifo.popleft()
+        if stored != batch:
+            raise PipelineError(f"stage {self.index} replays batch {batch} but its oldest input is batch {stored}")
+        x = self.input_for_grad(x)
+        self.optimizer.zero_grad(set_to_none=True)
+        with frozen_running_stats(self.module, enabled=self.bn_policy == "play"):
+            out = self.module(x)
+        out.backward(delta)
+        return self.input_grad(x)
+
+    def buffers(self) -> dict[str, list[torch.Tensor]]:
+        return {"fifo": [x for _, x in self.fifo]}
+
+    def buffer_state(self) -> dict[str, Any]:
+        return {"fifo": [(b, x) for b, x in self.fifo]}
+
+    def load_buffer_state(self, state: dict[str, Any]) -> None:
+        self.fifo = deque((b, x) for b, x in state["fifo"])
+
+    def reset(self) -> None:
+        self.fifo.clear()
+
+
+@METHODS.register("fr", help="Features Replay: stages update in parallel by replaying stored inputs (Huo et al. 2018)")
+class FeaturesReplay(PipelineMethod):
+    """Features Replay over K stages.
+
+    Args:
+        stages, loss_fn, optimizer: see :class:`~gradkit.methods.Method`; each stage gets its own
+            optimizer from the factory.
+        bn_policy: ``"play"`` (default: only the play forward updates BatchNorm running statistics)
+            or ``"reference"`` (play and replay both update them, as the reference code does).
+        double_first_lr: double the first stage's learning rate, a quirk of the reference code.
+        record_timeline: keep every executed action in ``executor.timeline``.
+
+    Example:
+        >>> method = gradkit.methods.build("fr", gradkit.split(model, 3), optimizer=factory)
+        >>> for x, y in batches:
+        ...     loss = method.step(x, y)
+        >>> method.flush()  # finish the K-1 batches still in flight
+    """
+
+    name = "fr"
+
+    def __init__(
+        self,
+        stages: Sequence[nn.Module],
+        *,
+        loss_fn: LossFn | None = None,
+        optimizer: OptimizerFactory | None = None,
+        bn_policy: str = "play",
+        double_first_lr: bool = False,
+        record_timeline: bool = False,
+    ) -> None:
+        if bn_policy not in BN_POLICIES:
+            raise ConfigError(f"unknown bn_policy {bn_policy!r}; choose one of: {', '.join(BN_POLICIES)}")
+        self.bn_policy = bn_policy
+        super().__init__(stages, loss_fn=loss_fn, optimizer=optimizer, record_timeline=record_timeline)
+        if double_first_lr and len(self.stages) > 1:
+            for group in self.workers[0].optimizer.param_groups:
+                group["lr"] *= 2.0
+
+    def make_schedule(self, num_stages: int) -> Schedule:
+        return ReplaySchedule(num_stages)
+
+    def make_worker(self, index: int, module: nn.Module, optimizer: torch.optim.Optimizer) -> StageWorker:
+        return ReplayWorker(index, len(self.stages), module, optimizer,
+                            loss_fn=self.loss_fn, bn_policy=self.bn_policy)

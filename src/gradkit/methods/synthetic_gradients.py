@@ -1,0 +1,264 @@
+"""DNI: decoupled neural interfaces with synthetic gradients (Jaderberg et al., ICML 2017).
+
+At every stage boundary a small synthesizer predicts the error gradient δ of the stage's output from
+the output itself (and, for cDNI, from the label). The stage updates at once with the prediction;
+the synthesizer is regressed (MSE) onto the true δ when stage k+1 sends it, one step later. Options
+from users of the reference code: a warm-up that trains the synthesizers while the stages still use
+true gradients, and mixing true and synthetic δ (both wait for the true δ of the same batch, i.e.
+they bring backward locking back). The FR paper reports DNI diverging on deep ResNets.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradkit.errors import ConfigError
+from gradkit.methods._base import LossFn
+from gradkit.methods._pipelined import PipelineMethod
+from gradkit.methods._registry import METHODS
+from gradkit.optim import OptimizerFactory
+from gradkit.pipeline.batchnorm import frozen_running_stats
+from gradkit.pipeline.schedule import Action, Schedule, SyntheticGradientSchedule
+from gradkit.pipeline.worker import PipelineError, StageWorker
+
+__all__ = ["SyntheticGradients", "Synthesizer", "SyntheticGradientWorker"]
+
+
+class Synthesizer(nn.Module):
+    """Predicts the per-sample gradient of a stage's output: conv for feature maps, MLP for vectors.
+
+    The last layer starts at zero, so a fresh synthesizer predicts δ = 0 (no update) instead of noise.
+
+    Args:
+        shape: the stage output's shape without the batch dimension.
+        num_classes: > 0 conditions the prediction on the one-hot label (cDNI).
+        hidden: hidden channels (feature maps) or units (vectors); default: the output's width.
+    """
+
+    def __init__(self, shape: Sequence[int], num_classes: int = 0, hidden: int | None = None) -> None:
+        super().__init__()
+        self.shape = tuple(int(s) for s in shape)
+        self.num_classes = num_classes
+        self.spatial = len(self.shape) == 3
+        if self.spatial:
+            channels = self.shape[0]
+            width = hidden or channels
+            self.net: nn.Sequential = nn.Sequential(
+                nn.Conv2d(channels + num_classes, width, 3, padding=1), nn.ReLU(),
+                nn.Conv2d(width, channels, 3, padding=1),
+            )
+        else:
+            features = math.prod(self.shape)
+            width = hidden or min(max(features, 64), 1024)
+            self.net = nn.Sequential(
+                nn.Linear(features + num_classes, width), nn.ReLU(), nn.Linear(width, features),
+            )
+        last = self.net[-1]
+        assert isinstance(last, (nn.Conv2d, nn.Linear))
+        nn.init.zeros_(last.weight)
+        assert last.bias is not None
+        nn.init.zeros_(last.bias)
+
+    def forward(self, h: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        n = h.shape[0]
+        inputs = h if self.spatial else h.reshape(n, -1)
+        if self.num_classes:
+            if y is None:
+                raise ValueError("a label-conditioned synthesizer needs the labels")
+            onehot = nn.functional.one_hot(y, self.num_classes).to(h.dtype)
+            if self.spatial:
+                onehot = onehot[:, :, None, None].expand(-1, -1, *h.shape[2:])
+            inputs = torch.cat([inputs, onehot], dim=1)
+        return self.net(inputs).reshape(h.shape)
+
+
+class SyntheticGradientWorker(StageWorker):
+    """One DNI stage: forward, update with the synthesizer's δ, fit the synthesizer on the true δ."""
+
+    def __init__(self, index: int, num_stages: int, module: nn.Module, optimizer: torch.optim.Optimizer,
+                 *, loss_fn: LossFn, method: SyntheticGradients) -> None:
+        super().__init__(index, num_stages, module, optimizer)
+        self.loss_fn = loss_fn
+        self.method = method
+        self.synthesizer: Synthesizer | None = None
+        self.synth_optimizer: torch.optim.Optimizer | None = None
+        self.current: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # (batch, output, label, true δ or None): outputs waiting for the true δ to fit on.
+        self.pending: deque[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]] = deque()
+
+    def build_synthesizer(self, shape: Sequence[int], num_classes: int) -> None:
+        self.synthesizer = Synthesizer(shape, num_classes, self.method.synthesizer_hidden)
+        device = next((p.device for p in self.module.parameters()), torch.device("cpu"))
+        self.synthesizer.to(device)
+        self.synth_optimizer = self.method.optimizer_factory(list(self.synthesizer.parameters()))
+        if self.method.synthesizer_lr is not None:
+            for group in self.synth_optimizer.param_groups:
+                group["lr"] = self.method.synthesizer_lr
+
+    def execute(self, action: Action, received: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        op = action.op
+        if op == "forward":
+            x = self.input_for_grad(received["activation"])
+            out = self.module(x)
+            self.current = (action.batch, x, out, received["label"])
+            return {"activation": out.detach()}
+        if op == "synthetic":
+            return self._backward(action.batch, None)
+        if op == "backward":
+            return self._backward(action.batch, received["delta"])
+        if op == "update":
+            self.update(action.batch)
+            return {}
+        if op == "fit":
+            self._fit(action.batch, received.get("delta"))
+            return {}
+        if op == "loss":
+            return self.loss_step(action.batch, received, self.loss_fn)
+        raise PipelineError(f"DNI has no action {op!r}")
+
+    def _predict(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        assert self.synthesizer is not None
+        with torch.no_grad():
+            # The synthesizer predicts the per-sample gradient; the loss is a batch mean.
+            return self.synthesizer(h, y) / h.shape[0]
+
+    def _backward(self, batch: int, true_delta: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        if self.current is None or self.current[0] != batch:
+            raise PipelineError(f"stage {self.index} has no forward of batch {batch} to backpropagate")
+        _, x, out, y = self.current
+        self.current = None
+        h = out.detach()
+        delta = self._predict(h, y)
+        if true_delta is not None:
+            mix = self.method.mix_at(batch)
+            delta = true_delta if mix == 1.0 else mix * true_delta + (1.0 - mix) * delta
+        self.optimizer.zero_grad(set_to_none=True)
+        out.backward(delta)
+        self.pending.append((batch, h, y, true_delta))
+        return self.input_grad(x)
+
+    def _fit(self, batch: int, true_delta: torch.Tensor | None) -> None:
+        stored, h, y, delta = self.pending.popleft()
+        if stored != batch:
+            raise PipelineError(f"stage {self.index} fits its synthesizer on batch {batch} but holds batch {stored}")
+        target = true_delta if true_delta is not None else delta
+        assert target is not None and self.synthesizer is not None and self.synth_optimizer is not None
+        self.synth_optimizer.zero_grad(set_to_none=True)
+        loss = nn.functional.mse_loss(self.synthesizer(h, y), target * h.shape[0])
+        loss.backward()
+        self.synth_optimizer.step()
+
+    def extra_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.synth_optimizer] if self.synth_optimizer is not None else []
+
+    def buffers(self) -> dict[str, list[torch.Tensor]]:
+        stored = [t for _, h, y, d in self.pending for t in (h, y, d) if t is not None]
+        synth = list(self.synthesizer.parameters()) if self.synthesizer is not None else []
+        return {"stored_outputs": stored, "synthesizer": synth}
+
+    def buffer_state(self) -> dict[str, Any]:
+        if self.synthesizer is None:
+            return {"synthesizer": None, "pending": []}
+        return {
+            "synthesizer": {
+                "shape": list(self.synthesizer.shape),
+                "num_classes": self.synthesizer.num_classes,
+                "weights": self.synthesizer.state_dict(),
+            },
+            "pending": list(self.pending),
+        }
+
+    def load_buffer_state(self, state: dict[str, Any]) -> None:
+        synth = state["synthesizer"]
+        if synth is not None:
+            self.build_synthesizer(synth["shape"], synth["num_classes"])
+            assert self.synthesizer is not None
+            self.synthesizer.load_state_dict(synth["weights"])
+        self.pending = deque(tuple(p) for p in state["pending"])  # type: ignore[misc]
+
+    def reset(self) -> None:
+        self.pending.clear()
+        self.current = None
+
+
+@METHODS.register("dni", help="synthetic gradients at every stage boundary (Jaderberg et al. 2017)")
+class SyntheticGradients(PipelineMethod):
+    """DNI / cDNI over K stages.
+
+    Args:
+        stages, loss_fn, optimizer: see :class:`~gradkit.methods.Method`; synthesizers get optimizers
+            from the same factory.
+        conditioned: give the synthesizers the one-hot label too (cDNI).
+        warmup_steps: for this many steps stages use the true δ (waiting for it) while the
+            synthesizers train.
+        true_gradient_mix: after the warm-up, update with ``mix * true + (1 - mix) * synthetic``;
+            any value > 0 makes every stage wait for the true δ (backward locking).
+        synthesizer_lr: learning rate of the synthesizers (default: the stages' rate).
+        synthesizer_hidden: hidden width of the synthesizers (default: the stage output's width).
+        record_timeline: keep every executed action in ``executor.timeline``.
+    """
+
+    name = "dni"
+
+    def __init__(
+        self,
+        stages: Sequence[nn.Module],
+        *,
+        loss_fn: LossFn | None = None,
+        optimizer: OptimizerFactory | None = None,
+        conditioned: bool = False,
+        warmup_steps: int = 0,
+        true_gradient_mix: float = 0.0,
+        synthesizer_lr: float | None = None,
+        synthesizer_hidden: int | None = None,
+        record_timeline: bool = False,
+    ) -> None:
+        if not 0.0 <= true_gradient_mix <= 1.0:
+            raise ConfigError(f"true_gradient_mix must be in [0, 1], got {true_gradient_mix}")
+        if warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        self.conditioned = bool(conditioned)
+        self.warmup_steps = int(warmup_steps)
+        self.true_gradient_mix = float(true_gradient_mix)
+        self.synthesizer_lr = synthesizer_lr
+        self.synthesizer_hidden = synthesizer_hidden
+        super().__init__(stages, loss_fn=loss_fn, optimizer=optimizer, record_timeline=record_timeline)
+
+    def make_schedule(self, num_stages: int) -> Schedule:
+        return SyntheticGradientSchedule(num_stages, locked_steps=self.warmup_steps,
+                                         always_locked=self.true_gradient_mix > 0)
+
+    def make_worker(self, index: int, module: nn.Module, optimizer: torch.optim.Optimizer) -> StageWorker:
+        return SyntheticGradientWorker(index, len(self.stages), module, optimizer,
+                                       loss_fn=self.loss_fn, method=self)
+
+    def mix_at(self, batch: int) -> float:
+        """Weight of the true δ for ``batch``: 1 during the warm-up, then ``true_gradient_mix``."""
+        return 1.0 if batch < self.warmup_steps else self.true_gradient_mix
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        workers = [w for w in self.workers if isinstance(w, SyntheticGradientWorker) and not w.is_last]
+        if any(w.synthesizer is None for w in workers):
+            self._build_synthesizers(x)
+        return super().step(x, y)
+
+    @torch.no_grad()
+    def _build_synthesizers(self, x: torch.Tensor) -> None:
+        """Shapes of every stage output (and the class count, for cDNI) from one probe forward."""
+        shapes = []
+        h = x
+        with frozen_running_stats(nn.ModuleList(self.stages)):
+            for stage in self.stages:
+                h = stage(h)
+                shapes.append(tuple(h.shape[1:]))
+        num_classes = int(h.shape[1]) if self.conditioned else 0
+        for worker, shape in zip(self.workers[:-1], shapes[:-1], strict=True):
+            assert isinstance(worker, SyntheticGradientWorker)
+            if worker.synthesizer is None:
+                worker.build_synthesizer(shape, num_classes)

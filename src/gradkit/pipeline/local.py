@@ -1,0 +1,143 @@
+"""The single-process executor: every stage's column of a schedule, interleaved in one process.
+
+Messages travel through in-process channels, one FIFO per (kind, source, destination), exactly like
+point-to-point links: a receive takes the oldest message of its channel and checks that it belongs to
+the batch the action expects. Within a step the executor runs each stage's actions in order, moving
+to the next stage when an action waits for a message that has not been sent yet, until every stage
+has finished its column (data-flow order). A round in which no stage can move is a schedule bug and
+raises :class:`~gradkit.pipeline.worker.PipelineError` instead of hanging.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from gradkit.pipeline.schedule import ACTIVATION, DATA, LABEL, Action, Schedule
+from gradkit.pipeline.worker import PipelineError, StageWorker
+
+__all__ = ["LocalExecutor", "Message", "TimelineEntry"]
+
+
+@dataclass(frozen=True)
+class Message:
+    """A tensor tagged with the batch it belongs to."""
+
+    batch: int
+    tensor: torch.Tensor
+
+
+@dataclass(frozen=True)
+class TimelineEntry:
+    """One executed action, as recorded with ``record_timeline=True``."""
+
+    step: int
+    stage: int
+    op: str
+    batch: int
+
+
+Channel = tuple[str, int, int]  # (kind, source, destination)
+
+
+class LocalExecutor:
+    """Runs a :class:`Schedule` over a list of :class:`StageWorker` in this process.
+
+    Args:
+        schedule: the order of actions.
+        workers: one worker per stage, in order.
+        record_timeline: keep a list of every executed action (tests and ``--print-schedule``).
+    """
+
+    def __init__(self, schedule: Schedule, workers: Sequence[StageWorker], *,
+                 record_timeline: bool = False) -> None:
+        if len(workers) != schedule.num_stages:
+            raise ValueError(f"{len(workers)} workers for a {schedule.num_stages}-stage schedule")
+        self.schedule = schedule
+        self.workers = list(workers)
+        self.channels: dict[Channel, deque[Message]] = {}
+        self.record_timeline = record_timeline
+        self.timeline: list[TimelineEntry] = []
+
+    # -- running --------------------------------------------------------------------------------------
+    def run_step(self, step: int, x: torch.Tensor | None = None, y: torch.Tensor | None = None,
+                 *, last_batch: int | None = None) -> None:
+        """Execute iteration ``step`` of every stage; ``x, y`` is batch ``step`` (None when draining)."""
+        k_stages = self.schedule.num_stages
+        columns = [deque(self.schedule.actions(step, k, last_batch)) for k in range(k_stages)]
+        for k, column in enumerate(columns):
+            for action in column:
+                for kind, source in action.recv:
+                    if source != DATA:
+                        continue
+                    if x is None or y is None:
+                        raise PipelineError(f"stage {k} needs data for batch {action.batch} at step {step}")
+                    self._put((kind, DATA, k), Message(action.batch, x if kind == ACTIVATION else y))
+        while any(columns):
+            progressed = False
+            for k, column in enumerate(columns):
+                while column and self._ready(k, column[0]):
+                    self._execute(step, k, column.popleft())
+                    progressed = True
+            if not progressed:
+                waiting = "; ".join(
+                    f"stage {k} waits for {column[0].recv} of batch {column[0].batch} ({column[0].op})"
+                    for k, column in enumerate(columns) if column
+                )
+                raise PipelineError(f"step {step}: no stage can proceed: {waiting}")
+
+    def _ready(self, stage: int, action: Action) -> bool:
+        return all(self.channels.get((kind, source, stage)) for kind, source in action.recv)
+
+    def _execute(self, step: int, stage: int, action: Action) -> None:
+        received = {}
+        for kind, source in action.recv:
+            message = self.channels[(kind, source, stage)].popleft()
+            if message.batch != action.batch:
+                where = "the data source" if source == DATA else f"stage {source}"
+                raise PipelineError(
+                    f"stage {stage} ({action.op}) expected the {kind} of batch {action.batch} from {where} "
+                    f"but received batch {message.batch}"
+                )
+            received[kind] = message.tensor
+        sent = self.workers[stage].execute(action, received)
+        for kind, destination in action.send:
+            if kind not in sent:
+                raise PipelineError(f"stage {stage} ({action.op} {action.batch}) did not produce its {kind}")
+            self._put((kind, stage, destination), Message(action.batch, sent[kind]))
+        if self.record_timeline:
+            self.timeline.append(TimelineEntry(step, stage, action.op, action.batch))
+
+    def _put(self, channel: Channel, message: Message) -> None:
+        self.channels.setdefault(channel, deque()).append(message)
+
+    # -- buffers --------------------------------------------------------------------------------------
+    def in_flight(self) -> dict[int, list[torch.Tensor]]:
+        """Tensors waiting in channels, by receiving stage (data and labels excluded)."""
+        held: dict[int, list[torch.Tensor]] = {}
+        for (kind, source, destination), queue in self.channels.items():
+            if source == DATA or kind == LABEL:
+                continue
+            held.setdefault(destination, []).extend(m.tensor for m in queue)
+        return held
+
+    def state(self) -> list[tuple[str, int, int, list[tuple[int, torch.Tensor]]]]:
+        """Messages in flight, for checkpoints."""
+        return [
+            (kind, source, destination, [(m.batch, m.tensor) for m in queue])
+            for (kind, source, destination), queue in self.channels.items() if queue
+        ]
+
+    def load_state(self, state: list[Any]) -> None:
+        self.channels = {
+            (kind, source, destination): deque(Message(batch, tensor) for batch, tensor in messages)
+            for kind, source, destination, messages in state
+        }
+
+    def empty(self) -> bool:
+        """No message is waiting anywhere."""
+        return not any(self.channels.values())

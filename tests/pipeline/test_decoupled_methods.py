@@ -1,0 +1,225 @@
+"""Features Replay, DDG and DNI against backprop: exact equalities where the algorithms promise them."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import gradkit
+from gradkit.errors import ConfigError
+from gradkit.methods import build
+from gradkit.optim import OptimizerConfig
+from gradkit.pipeline import PipelineError
+
+DECOUPLED = ("fr", "ddg", "dni")
+
+
+def small_model(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU()),
+        nn.Sequential(nn.Linear(32, 32), nn.BatchNorm1d(32), nn.ReLU()),
+        nn.Sequential(nn.Linear(32, 24), nn.ReLU()),
+        nn.Sequential(nn.Linear(24, 4)),
+    )
+
+
+def batches(n: int = 6, size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(size, 1, 4, 4, generator=g), torch.randint(0, 4, (size,), generator=g)) for _ in range(n)]
+
+
+def same_weights(a: nn.Module, b: nn.Module) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+@pytest.mark.parametrize("name", DECOUPLED)
+@pytest.mark.parametrize("opt", [OptimizerConfig(name="sgd", lr=0.1, weight_decay=5e-4),
+                                 OptimizerConfig(name="adam", lr=0.01)], ids=["sgd", "adam"])
+def test_one_stage_is_backprop_bit_for_bit(name: str, opt: OptimizerConfig) -> None:
+    ref_model, model = small_model(), small_model()
+    reference = build("bp", [ref_model], optimizer=opt.factory())
+    method = build(name, [model], optimizer=opt.factory())
+    for x, y in batches():
+        assert method.step(x, y) == reference.step(x, y)
+    assert same_weights(model, ref_model)
+
+
+def _applied_gradients(name: str, k: int, data: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """The gradient each stage applies for each batch, with frozen weights (lr 0)."""
+    model = small_model()
+    method = build(name, gradkit.split(model, k, balance="count"),
+                   optimizer=OptimizerConfig(lr=0.0, momentum=0.9, weight_decay=5e-4).factory())
+    applied: dict[tuple[int, int], list[torch.Tensor]] = {}
+    method.update_observers.append(
+        lambda stage, batch, params: applied.__setitem__((stage, batch), [p.grad.clone() for p in params])
+    )
+    for x, y in data:
+        method.step(x, y)
+    method.flush()
+    return applied
+
+
+@pytest.mark.parametrize("name", ["fr", "ddg"])
+def test_frozen_weights_apply_the_true_gradient_of_each_batch(name: str) -> None:
+    """With lr 0 the weights never move, so the stale δ is the true δ: every stage must apply exactly
+    the backprop gradient of the batch it is training on."""
+    data = batches(5)
+    k = 3
+    applied = _applied_gradients(name, k, data)
+    model = small_model()
+    stages = gradkit.split(model, k, balance="count")
+    assert len(applied) == k * len(data)  # after flush, every stage trained on every batch
+    for b, (x, y) in enumerate(data):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        for s, stage in enumerate(stages):
+            expected = [p.grad for p in stage.parameters()]
+            for got, want in zip(applied[(s, b)], expected, strict=True):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_dni_warmup_uses_true_gradients() -> None:
+    """During the warm-up DNI waits for the true δ, so with SGD it follows backprop exactly."""
+    ref_model, model = small_model(), small_model()
+    opt = OptimizerConfig(lr=0.1)
+    reference = build("bp", gradkit.split(ref_model, 3, balance="count"), optimizer=opt.factory())
+    method = build("dni", gradkit.split(model, 3, balance="count"), optimizer=opt.factory(), warmup_steps=100)
+    for x, y in batches():
+        torch.testing.assert_close(method.step(x, y), reference.step(x, y), rtol=1e-6, atol=0)
+    for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_dni_synthesizer_learns_the_true_gradient() -> None:
+    """Fitting on the true δ must make the (zero-initialised) synthetic δ point along it."""
+    model = small_model()
+    method = build("dni", gradkit.split(model, 2, balance="count"), optimizer=OptimizerConfig(lr=0.02).factory(),
+                   warmup_steps=10_000, synthesizer_lr=0.05, conditioned=True)
+    x, y = batches(1, size=64)[0]
+    for _ in range(300):
+        method.step(x, y)
+    method.flush()
+    synthesizer = method.workers[0].synthesizer  # type: ignore[attr-defined]
+    out = method.stages[0](x)
+    (true_delta,) = torch.autograd.grad(nn.functional.cross_entropy(method.stages[1](out), y), out)
+    with torch.no_grad():
+        predicted = synthesizer(out.detach(), y) / x.shape[0]
+    cosine = nn.functional.cosine_similarity(predicted.flatten(), true_delta.flatten(), dim=0).item()
+    assert cosine > 0.6
+
+
+@pytest.mark.parametrize("name", DECOUPLED)
+def test_adam_and_a_custom_loss_train(name: str) -> None:
+    def smooth_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(out, y, label_smoothing=0.1)
+
+    model = small_model()
+    method = build(name, gradkit.split(model, 3, balance="count"), loss_fn=smooth_loss,
+                   optimizer=OptimizerConfig(name="adam", lr=0.01).factory())
+    data = batches(1, size=32) * 60
+    losses = [method.step(x, y) for x, y in data]
+    # DNI starts from zero synthetic gradients, so its lower stages learn later.
+    assert losses[-1] < (0.85 if name == "dni" else 0.6) * losses[0]
+
+
+@pytest.mark.parametrize("name", DECOUPLED)
+def test_state_dict_round_trip_mid_pipeline_continues_exactly(name: str) -> None:
+    data = batches(9)
+    opt = OptimizerConfig(lr=0.05)
+    a = build(name, gradkit.split(small_model(), 3, balance="count"), optimizer=opt.factory())
+    losses_a = [a.step(x, y) for x, y in data]
+    a.flush()
+
+    b = build(name, gradkit.split(small_model(), 3, balance="count"), optimizer=opt.factory())
+    losses_b = [b.step(x, y) for x, y in data[:4]]
+    assert b.buffer_bytes() > 0  # something really is in flight
+    buf = io.BytesIO()
+    torch.save(b.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    c = build(name, gradkit.split(small_model(seed=5), 3, balance="count"), optimizer=opt.factory())
+    c.load_state_dict(state)
+    losses_b += [c.step(x, y) for x, y in data[4:]]
+    c.flush()
+    assert losses_b == losses_a
+    for p, q in zip(a.parameters(), c.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_fr_bn_policy_controls_running_statistics_updates() -> None:
+    data = batches(4)
+    counts = {}
+    for policy in ("play", "reference"):
+        model = small_model()
+        method = build("fr", gradkit.split(model, 2, balance="count"), bn_policy=policy)
+        for x, y in data:
+            method.step(x, y)
+        bn = model[1][1]
+        counts[policy] = int(bn.num_batches_tracked)
+    # stage 0 holds the BatchNorm; it plays 4 batches and replays 3 of them.
+    assert counts == {"play": 4, "reference": 7}
+
+
+def test_fr_double_first_lr_is_opt_in() -> None:
+    method = build("fr", gradkit.split(small_model(), 2, balance="count"), optimizer=OptimizerConfig(lr=0.1).factory(),
+                   double_first_lr=True)
+    assert [opt.param_groups[0]["lr"] for opt in method.optimizers] == [0.2, 0.1]
+    plain = build("fr", gradkit.split(small_model(), 2, balance="count"), optimizer=OptimizerConfig(lr=0.1).factory())
+    assert [opt.param_groups[0]["lr"] for opt in plain.optimizers] == [0.1, 0.1]
+
+
+def test_bad_options_are_config_errors() -> None:
+    stages = gradkit.split(small_model(), 2, balance="count")
+    with pytest.raises(ConfigError, match="bn_policy"):
+        build("fr", stages, bn_policy="sometimes")
+    with pytest.raises(ConfigError, match="true_gradient_mix"):
+        build("dni", stages, true_gradient_mix=2.0)
+    with pytest.raises(ConfigError, match="does not take option 'bn_policy'"):
+        build("ddg", stages, bn_policy="play")
+
+
+def test_a_message_for_the_wrong_batch_is_an_error() -> None:
+    method = build("fr", gradkit.split(small_model(), 3, balance="count"))
+    data = batches(3)
+    for x, y in data[:2]:
+        method.step(x, y)
+    # Swap the tag of the δ waiting for stage 1: the replay must refuse it.
+    channel = ("delta", 2, 1)
+    message = method.executor.channels[channel][0]
+    method.executor.channels[channel][0] = type(message)(message.batch + 1, message.tensor)
+    with pytest.raises(PipelineError, match="expected the delta of batch 1 from stage 2 but received batch 2"):
+        method.step(*data[2])
+
+
+def test_epoch_boundary_keeps_batches_in_flight_and_flush_drains() -> None:
+    method = build("fr", gradkit.split(small_model(), 4, balance="count"))
+    for x, y in batches(5):
+        method.step(x, y)
+    fifo_lengths = [len(w.fifo) for w in method.workers[:-1]]  # type: ignore[attr-defined]
+    assert fifo_lengths == [3, 2, 1]  # stage k holds its last K-1-k inputs between steps
+    method.flush()
+    assert method.buffer_bytes() == 0 and method.executor.empty()
+    # Training goes on after a flush: the pipeline warms up again.
+    method.step(*batches(1)[0])
+    assert [len(w.fifo) for w in method.workers[:-1]] == [1, 1, 1]  # type: ignore[attr-defined]
+
+
+def test_predict_uses_current_weights_outside_the_pipeline() -> None:
+    model = small_model()
+    method = build("ddg", gradkit.split(model, 3, balance="count"))
+    for x, y in batches(4):
+        method.step(x, y)
+    before = copy.deepcopy(method.state_dict())
+    x = batches(1)[0][0]
+    model.eval()
+    expected = model(x)
+    method.eval()
+    torch.testing.assert_close(method.predict(x), expected)
+    method.train()
+    after = method.state_dict()
+    assert after["pipeline"]["step"] == before["pipeline"]["step"]
