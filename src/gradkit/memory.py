@@ -9,13 +9,13 @@ reported too. Later methods (Features Replay, low-bit activations) are compared 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
 
 import torch
 
-__all__ = ["SavedTensor", "SavedTensorsMeter", "MemoryReport", "measure_step", "tensor_bytes"]
+__all__ = ["SavedTensor", "SavedTensorsMeter", "MemoryReport", "StageMemory", "measure_step", "tensor_bytes"]
 
 
 @dataclass(frozen=True)
@@ -47,11 +47,16 @@ class SavedTensorsMeter:
 
     Args:
         exclude: tensors not to count (normally the model's parameters and buffers).
+        tag: called when a storage is first saved; its value is kept in :attr:`tags` (the
+            per-stage accounting tags storages with the stage running at that moment).
     """
 
-    def __init__(self, exclude: Iterable[torch.Tensor] = ()) -> None:
+    def __init__(self, exclude: Iterable[torch.Tensor] = (), tag: Callable[[], object] | None = None) -> None:
         self._excluded = {t.untyped_storage().data_ptr() for t in exclude}
         self._seen: dict[int, SavedTensor] = {}
+        self._tag = tag
+        self.tags: dict[int, object] = {}
+        """Storage address -> the tag it was first saved under."""
         # Holding the storages until exit keeps their addresses from being reused by a later,
         # different tensor, which would otherwise be mistaken for the same storage.
         self._alive: list[torch.UntypedStorage] = []
@@ -63,6 +68,8 @@ class SavedTensorsMeter:
         if ptr not in self._excluded and ptr not in self._seen and storage.nbytes() > 0:
             self._seen[ptr] = SavedTensor(tuple(tensor.shape), tensor.dtype, storage.nbytes())
             self._alive.append(storage)
+            if self._tag is not None:
+                self.tags[ptr] = self._tag()
         return tensor
 
     def __enter__(self) -> SavedTensorsMeter:
@@ -91,6 +98,30 @@ class SavedTensorsMeter:
         """The saved storages, in the order they were first saved."""
         return list(self._seen.values())
 
+    def storages(self) -> dict[int, SavedTensor]:
+        """Storage address -> what was saved there."""
+        return dict(self._seen)
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """What one pipeline stage holds for its backward passes during a step."""
+
+    saved_bytes: int
+    """Activations its autograd graphs saved during the step (not counting buffered ones)."""
+    buffers: dict[str, int] = field(default_factory=dict)
+    """Bytes held across steps, by kind: ``fifo`` (FR inputs), ``stashed_graphs`` and
+    ``stashed_weights`` (DDG), ``synthesizer`` and ``stored_outputs`` (DNI), ``messages`` (δ and
+    activations waiting to be consumed)."""
+
+    @property
+    def total(self) -> int:
+        return self.saved_bytes + sum(self.buffers.values())
+
+    def to_dict(self) -> dict[str, int]:
+        return {"saved_bytes": self.saved_bytes, **{f"{k}_bytes": v for k, v in self.buffers.items()},
+                "total_bytes": self.total}
+
 
 @dataclass(frozen=True)
 class MemoryReport:
@@ -103,6 +134,8 @@ class MemoryReport:
     peak_cuda_bytes: int | None = None
     """Peak CUDA memory allocated during the step, when it ran on a GPU."""
     tensors: list[SavedTensor] = field(default_factory=list, repr=False)
+    stages: list[StageMemory] = field(default_factory=list)
+    """The same bytes, stage by stage."""
 
     @property
     def activation_bytes(self) -> int:
@@ -110,8 +143,17 @@ class MemoryReport:
         return self.saved_bytes + self.buffer_bytes
 
 
+def _storages(tensors: Iterable[torch.Tensor]) -> dict[int, torch.UntypedStorage]:
+    return {t.untyped_storage().data_ptr(): t.untyped_storage() for t in tensors}
+
+
 def measure_step(method, x: torch.Tensor, y: torch.Tensor) -> tuple[float, MemoryReport]:  # noqa: ANN001
     """Run one real training step of ``method`` and measure its activation memory.
+
+    Counts, each storage once: the tensors autograd saved during the step, plus the buffers the
+    method holds across steps (:meth:`Method.stage_buffers`) before or after it — so for a pipeline in
+    steady state, FR's K-k stored inputs per stage and DDG's K-k graphs per stage are all counted.
+    Saved tensors are attributed to the stage whose forward was running when they were saved.
 
     Args:
         method: a :class:`gradkit.methods.Method`.
@@ -120,13 +162,54 @@ def measure_step(method, x: torch.Tensor, y: torch.Tensor) -> tuple[float, Memor
     Returns:
         The step's loss and a :class:`MemoryReport`.
     """
-    exclude = [p for stage in method.stages for p in stage.parameters()]
-    exclude += [b for stage in method.stages for b in stage.buffers()]
+    stages = method.stages
+    exclude = [p for stage in stages for p in stage.parameters()]
+    exclude += [b for stage in stages for b in stage.buffers()]
     on_cuda = x.is_cuda and torch.cuda.is_available()
     if on_cuda:
         torch.cuda.reset_peak_memory_stats(x.device)
-    with SavedTensorsMeter(exclude=exclude) as meter:
-        loss = method.step(x, y)
+    before = method.stage_buffers()
+    # Holding the storages keeps a freed buffer's address from being taken by a new saved tensor.
+    held = [_storages(t for ts in b.values() for t in ts) for b in before]
+    current: list[int] = [0]
+    hooks = [
+        stage.register_forward_pre_hook(lambda module, args, k=k: current.__setitem__(0, k))
+        for k, stage in enumerate(stages)
+    ]
+    try:
+        with SavedTensorsMeter(exclude=exclude, tag=lambda: current[0]) as meter:
+            loss = method.step(x, y)
+            after = method.stage_buffers()
+            saved = meter.storages()
+            tags = dict(meter.tags)
+    finally:
+        for hook in hooks:
+            hook.remove()
     peak = torch.cuda.max_memory_allocated(x.device) if on_cuda else None
-    report = MemoryReport(meter.bytes, method.buffer_bytes(), peak, meter.tensors)
+
+    buffered: set[int] = set()
+    per_stage_buffers: list[dict[str, int]] = []
+    for k in range(len(stages)):
+        kinds = sorted(set(before[k]) | set(after[k]))
+        sizes = {}
+        for kind in kinds:
+            storages = _storages(before[k].get(kind, []))
+            storages.update(_storages(after[k].get(kind, [])))
+            fresh = {ptr: s for ptr, s in storages.items() if ptr not in buffered}
+            sizes[kind] = sum(s.nbytes() for s in fresh.values())
+            buffered.update(fresh)
+        per_stage_buffers.append(sizes)
+    saved_by_stage = [0] * len(stages)
+    for ptr, record in saved.items():
+        if ptr not in buffered:
+            saved_by_stage[int(tags.get(ptr, len(stages) - 1))] += record.nbytes  # type: ignore[call-overload]
+    del held
+    stage_memory = [StageMemory(saved_by_stage[k], per_stage_buffers[k]) for k in range(len(stages))]
+    report = MemoryReport(
+        saved_bytes=sum(saved_by_stage),
+        buffer_bytes=sum(sum(b.values()) for b in per_stage_buffers),
+        peak_cuda_bytes=peak,
+        tensors=meter.tensors,
+        stages=stage_memory,
+    )
     return loss, report
