@@ -299,12 +299,14 @@ class LREstimator:
                 for name, eps in rec.weight_eps.items():
                     term = torch.tensordot(wc, eps, dims=1)
                     acc.add(name, term)
-                acc.log_sigma += float((wc * sum(((e**2 - 1).flatten(1).sum(1) for e in rec.weight_eps.values()),
-                                                 torch.zeros_like(wc))).sum())
+                if self.config.adaptive_sigma:
+                    chi = sum(((e**2 - 1).flatten(1).sum(1) for e in rec.weight_eps.values()), torch.zeros_like(wc))
+                    acc.log_sigma += float((wc * chi).sum())
             else:
                 eps = rec.eps[0]  # (copies, *out)
                 acc.add_g(torch.tensordot(wc, eps, dims=1))
-                acc.log_sigma += float((wc * (eps**2 - 1).flatten(1).sum(1)).sum())
+                if self.config.adaptive_sigma:
+                    acc.log_sigma += float((wc * (eps**2 - 1).flatten(1).sum(1)).sum())
                 acc.input = rec.inputs[0] if rec.inputs else ref.layer_inputs[i]
             return
         if layer.stepwise:
@@ -317,7 +319,9 @@ class LREstimator:
             return
         eps = rec.eps[0].view(copies, batch, *rec.eps[0].shape[1:])  # (copies, batch, *out)
         wb = w.view(copies, batch, *([1] * (eps.dim() - 2)))
-        acc.log_sigma += float((w * (eps**2 - 1).flatten(2).sum(2)).sum())
+        if self.config.adaptive_sigma:
+            # ∂E[L]/∂log σ = E[(L - b)(ε² - 1)] summed over the noise dimensions.
+            acc.log_sigma += float((w * (eps**2 - 1).flatten(2).sum(2)).sum())
         if rec.inputs:
             # Noise upstream (all layers at once): each copy has its own input, contract per row.
             x = rec.inputs[0]
