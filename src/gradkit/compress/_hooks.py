@@ -1,0 +1,257 @@
+"""The generic path: every tensor autograd saves for backward becomes a packed low-bit copy.
+
+Built on ``torch.autograd.graph.saved_tensors_hooks``, as GACT (Liu et al., "GACT: Activation
+Compressed Training for Generic Network Architectures", ICML 2022) does, so it covers any architecture
+(Linear, Conv, LSTM, attention, LayerNorm, GELU...) without per-layer code. The forward pass is exact;
+only the copies kept for backward are approximate (Chakrabarti & Moseley, NeurIPS 2019).
+
+What is left alone, because compressing it would free nothing or break something:
+parameters and buffers (and autocast's cast copies of them), leaves such as the user's input batch,
+integer and bool tensors (indices, masks), and tiny tensors (BatchNorm statistics, scalars).
+A tensor saved by several operations (a ReLU output saved by the ReLU and by the next conv) is packed
+once and decoded once: the decoded copy is shared until its last reader has taken it.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradkit.compress import _quant
+
+__all__ = ["ActivationCompressor", "SavedRecord"]
+
+
+@dataclass(frozen=True)
+class SavedRecord:
+    """One distinct tensor saved for backward while recording."""
+
+    module: str
+    """Name of the innermost module running when it was saved ("" outside any)."""
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    exact_bytes: int
+    stored_bytes: int
+    kind: str
+    """``int4`` etc. when packed, else why it was kept: ``leaf``, ``int``, ``tiny``, ``exact``."""
+
+
+class _Shared:
+    """A packed tensor and the bookkeeping that lets several readers share one decode."""
+
+    __slots__ = ("packed", "readers", "decoded", "reference", "__weakref__")
+
+    def __init__(self, packed: _quant.Packed, reference: bool) -> None:
+        self.packed = packed
+        self.readers = 1
+        self.decoded: torch.Tensor | None = None
+        self.reference = reference
+
+    def take(self) -> torch.Tensor:
+        decoded = self.decoded
+        if decoded is None:
+            decoded = (_quant.unpack_reference if self.reference else _quant.unpack)(self.packed)
+        self.readers -= 1
+        # Keep the decoded copy only while another reader will still ask for it.
+        self.decoded = decoded if self.readers > 0 else None
+        return decoded
+
+
+def _drop(stack: list[Any]) -> None:
+    # A forward hook that returned the popped item would replace the module's output.
+    stack.pop()
+
+
+def _unpack(saved: Any) -> torch.Tensor:
+    if isinstance(saved, _Shared):
+        return saved.take()
+    return saved
+
+
+class ActivationCompressor:
+    """Context manager: inside it, tensors saved for backward are stored as packed ``bits``-bit codes.
+
+    Example:
+        >>> compressor = ActivationCompressor(model, bits=4)
+        >>> with compressor:
+        ...     loss = loss_fn(model(x), y)
+        >>> loss.backward()  # reads decoded low-bit copies
+
+    Args:
+        model: its parameters and buffers are never compressed; ``overrides`` name its modules.
+        bits: 2, 4 or 8 (None keeps everything exact, useful with overrides).
+        group_size: elements per quantisation group (one range each).
+        rounding: ``"stochastic"`` (unbiased, the default, as ActNN) or ``"nearest"``.
+        min_numel: tensors with fewer elements are kept exact (their ranges would cost more).
+        overrides: module name (as in ``model.named_modules()``) -> bits (2, 4, 8) or None (exact)
+            for tensors saved while that module runs, e.g. ``{"stem": 8, "head": None}``.
+        reference: decode/encode with the pure-PyTorch reference implementation.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None,
+        bits: int | None,
+        *,
+        group_size: int = 256,
+        rounding: str = "stochastic",
+        min_numel: int = 1024,
+        overrides: Mapping[str, int | None] | None = None,
+        reference: bool = False,
+    ) -> None:
+        if bits is not None and bits not in _quant.BITS:
+            raise ValueError(f"bits must be one of {_quant.BITS} or None, got {bits}")
+        _quant._check(bits or 8, group_size, rounding)
+        self.model = model
+        self.bits = bits
+        self.group_size = group_size
+        self.rounding = rounding
+        self.min_numel = min_numel
+        self.reference = reference
+        self._bits_stack: list[int | None] = []
+        self._names: list[str] = []
+        self._handles: list[Any] = []
+        self._record_handles: list[Any] = []
+        self._excluded: set[int] = set()
+        self._seen: dict[tuple[Any, ...], tuple[weakref.ref[torch.Tensor], Any]] = {}
+        self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
+        self.records: list[SavedRecord] | None = None
+        if overrides:
+            self._install_overrides(overrides)
+
+    # -- set-up -----------------------------------------------------------------------------------
+    def _install_overrides(self, overrides: Mapping[str, int | None]) -> None:
+        if self.model is None:
+            raise ValueError("per-module overrides need the model")
+        modules = dict(self.model.named_modules())
+        for name, bits in overrides.items():
+            if name not in modules:
+                known = ", ".join(n for n in list(modules)[:12] if n)
+                raise ValueError(f"no module named {name!r} to override; modules include: {known}")
+            if bits is not None and bits not in _quant.BITS:
+                raise ValueError(f"override bits for {name!r} must be 2, 4, 8 or None, got {bits}")
+            module = modules[name]
+            self._handles.append(module.register_forward_pre_hook(
+                lambda _m, _a, b=bits: self._bits_stack.append(b)))
+            self._handles.append(module.register_forward_hook(
+                lambda _m, _a, _o: _drop(self._bits_stack)))
+
+    def close(self) -> None:
+        """Remove the hooks this compressor put on the model."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def exclude(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Never compress these tensors' storages (beyond the model's parameters and buffers)."""
+        self._excluded.update(t.untyped_storage().data_ptr() for t in tensors)
+
+    # -- recording (for `gradkit memory` and the first step's report) ------------------------------
+    def start_recording(self) -> None:
+        """Record every saved tensor (with the module that saved it) until :meth:`stop_recording`."""
+        self.records = []
+        self._record_storages: dict[int, int] = {}
+        if self.model is not None:
+            for name, module in self.model.named_modules():
+                self._record_handles.append(module.register_forward_pre_hook(
+                    lambda _m, _a, n=name: self._names.append(n)))
+                self._record_handles.append(module.register_forward_hook(
+                    lambda _m, _a, _o: _drop(self._names)))
+
+    def stop_recording(self) -> list[SavedRecord]:
+        for h in self._record_handles:
+            h.remove()
+        self._record_handles.clear()
+        self._names.clear()
+        records, self.records = self.records or [], None
+        return records
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(r.stored_bytes for r in self.records or [])
+
+    def _record(self, t: torch.Tensor, stored: int, kind: str) -> None:
+        assert self.records is not None
+        storage = t.untyped_storage()
+        if not kind.startswith("int"):
+            # Kept tensors stay alive until backward, so their address identifies them; packed ones
+            # are recorded once, when first packed (their freed address may be reused later).
+            ptr = storage.data_ptr()
+            if ptr in self._record_storages:
+                return
+            self._record_storages[ptr] = storage.nbytes()
+        module = self._names[-1] if self._names else ""
+        self.records.append(SavedRecord(module, tuple(t.shape), t.dtype, storage.nbytes(), stored, kind))
+
+    # -- the hooks --------------------------------------------------------------------------------
+    def __enter__(self) -> ActivationCompressor:
+        excluded = set(self._excluded)
+        if self.model is not None:
+            for t in (*self.model.parameters(), *self.model.buffers()):
+                excluded.add(t.untyped_storage().data_ptr())
+        self._step_excluded = excluded
+        self._seen.clear()
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._hooks is not None
+        self._hooks.__exit__(exc_type, exc, tb)
+        self._hooks = None
+        self._seen.clear()
+
+    def _keep_reason(self, t: torch.Tensor) -> str | None:
+        if t.untyped_storage().data_ptr() in self._step_excluded:
+            return "param"
+        if not t.is_floating_point():
+            return "int"
+        if t.numel() < self.min_numel:
+            return "tiny"
+        fn = t.grad_fn
+        if fn is None:
+            # A leaf (the input batch, a detached stage boundary): whoever made it still holds it.
+            return "leaf"
+        if type(fn).__name__ == "ToCopyBackward0":
+            # Autocast's cast copy of a parameter: recomputed cheaply, and not an activation.
+            source = fn.next_functions[0][0] if fn.next_functions else None
+            variable = getattr(source, "variable", None)
+            if variable is not None and variable.untyped_storage().data_ptr() in self._step_excluded:
+                return "param"
+        return None
+
+    def _pack(self, t: torch.Tensor) -> Any:
+        reason = self._keep_reason(t)
+        bits = self._bits_stack[-1] if self._bits_stack else self.bits
+        if reason is None and bits is None:
+            reason = "exact"
+        if reason is not None:
+            if self.records is not None and reason != "param":
+                self._record(t, t.untyped_storage().nbytes(), reason)
+            return t
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        hit = self._seen.get(key)
+        # The weak reference proves the storage is still the same one (its address cannot be reused
+        # while the tensor lives), so a hit really is the same activation.
+        if hit is not None and hit[0]() is t:
+            shared = hit[1]
+            shared.readers += 1
+            return shared
+        pack = _quant.pack_reference if self.reference else _quant.pack
+        packed = pack(t, bits, group_size=self.group_size, rounding=self.rounding)
+        shared = _Shared(packed, self.reference)
+        self._seen[key] = (weakref.ref(t), shared)
+        if self.records is not None:
+            self._record(t, packed.nbytes, f"int{bits}")
+        return shared
