@@ -200,7 +200,9 @@ class _Run:
         )
 
         torch.manual_seed(config.seed)
-        self.model = build_model(config.model, info.input_shape, info.num_classes).to(self.device)
+        self.model = build_model(
+            config.model, info.input_shape, info.num_classes, **dataset.model_args
+        ).to(self.device)
         self.stage_sizes = saved["stage_sizes"] if saved else self._choose_split()
         stages = split(self.model, sizes=self.stage_sizes)
         self.method = _methods.build(

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -62,6 +63,9 @@ class Dataset:
     train_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
+    model_args: dict[str, Any] = field(default_factory=dict)
+    """Arguments the models for this data need from it, passed to ``build_model``: a text dataset's
+    ``vocab_size``, a graph dataset's ``graph`` (examples are then node ids; the graph is in the model)."""
 
     def __post_init__(self) -> None:
         for split, x, y in (
