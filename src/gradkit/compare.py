@@ -12,12 +12,16 @@ from typing import Any
 
 from gradkit.config import TrainConfig
 from gradkit.data import Dataset, load_dataset
-from gradkit.errors import ConfigError
+from gradkit.errors import ConfigError, TrainingDiverged
 from gradkit.loop import train
 from gradkit.methods import METHODS
 from gradkit.runs import format_bytes, format_table, read_run
 
-__all__ = ["CompareRow", "compare", "format_comparison"]
+__all__ = ["CompareRow", "DEFAULT_METHODS", "compare", "format_comparison"]
+
+DEFAULT_METHODS = ("bp", "fr", "ddg", "dni", "ulr")
+"""What ``compare`` trains when no methods are named: the library's methods and their baselines
+(the perturbation peers and others are opt-in with ``--methods``; ``--methods all`` takes every one)."""
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,8 @@ class CompareRow:
     """Median over epochs."""
     activation_bytes: int | None
     run_dir: Path | None
+    status: str = "ok"
+    """``ok``, or ``diverged at epoch E`` when the loss became NaN (the other methods still run)."""
 
 
 def compare(
@@ -51,7 +57,8 @@ def compare(
 
     Args:
         base: the configuration every method uses (its ``method`` and ``out`` are replaced).
-        methods: names from ``METHODS``; None means all registered methods.
+        methods: names from ``METHODS``; None means :data:`DEFAULT_METHODS` (those registered),
+            ``["all"]`` every registered method.
         out: parent folder of the run folders and of ``compare.png``.
         dataset: an already loaded dataset.
         plot: write ``out/compare.png`` (needs matplotlib).
@@ -59,7 +66,12 @@ def compare(
     Returns:
         One row per method and the plot's path (None when not plotted).
     """
-    names = list(methods) if methods else METHODS.names()
+    if not methods:
+        names = [n for n in DEFAULT_METHODS if n in METHODS]
+    elif list(methods) == ["all"]:
+        names = METHODS.names()
+    else:
+        names = list(methods)
     for name in names:
         METHODS.get(name)  # fails early, listing the valid names
     if len(set(names)) != len(names):
@@ -74,13 +86,19 @@ def compare(
     for name in names:
         config = dataclasses.replace(base, method=name, out=str(out / name))
         log.info("training %s", name)
-        result = train(config, dataset=dataset)
+        try:
+            result = train(config, dataset=dataset)
+        except TrainingDiverged as exc:
+            log.warning("%s diverged: %s", name, exc)
+            rows.append(_diverged_row(name, config.out_path, exc))
+            continue
         rows.append(_row(name, result.history, config.out_path))
     plot_path = None
-    if plot:
+    finished = [r.method for r in rows if r.status == "ok"]
+    if plot and finished:
         from gradkit.plot import plot_runs
 
-        plot_path = plot_runs([read_run(out / n) for n in names], out / "compare.png")
+        plot_path = plot_runs([read_run(out / n) for n in finished], out / "compare.png")
     return rows, plot_path
 
 
@@ -97,6 +115,12 @@ def _row(method: str, history: list[dict[str, Any]], run_dir: Path | None) -> Co
     )
 
 
+def _diverged_row(method: str, run_dir: Path | None, exc: TrainingDiverged) -> CompareRow:
+    nan = float("nan")
+    where = str(exc).split(" at ", 1)[-1].split(";", 1)[0]
+    return CompareRow(method, nan, nan, nan, nan, None, run_dir, status=f"diverged at {where}")
+
+
 def format_comparison(rows: Sequence[CompareRow]) -> str:
     """The comparison as a plain-text table."""
     return format_table(
@@ -104,9 +128,9 @@ def format_comparison(rows: Sequence[CompareRow]) -> str:
         [
             [
                 r.method,
-                f"{r.test_acc:.4f}",
-                f"{r.epoch_seconds:.1f} s",
-                f"{r.samples_per_second:.0f}",
+                f"{r.test_acc:.4f}" if r.status == "ok" else r.status,
+                f"{r.epoch_seconds:.1f} s" if r.status == "ok" else "-",
+                f"{r.samples_per_second:.0f}" if r.status == "ok" else "-",
                 format_bytes(r.activation_bytes),
             ]
             for r in rows

@@ -17,7 +17,7 @@ BALANCES = ("time", "params", "count")
 
 # Fields that may differ between a run and its --resume: they change how, not what, is computed.
 _RESUMABLE_CHANGES = frozenset(
-    {"epochs", "threads", "resume", "data_dir", "download", "progress", "device", "out"}
+    {"epochs", "threads", "resume", "data_dir", "download", "progress", "device", "out", "measure_direction"}
 )
 
 
@@ -75,6 +75,9 @@ class TrainConfig:
     """Evaluate on a stratified subset of this many samples."""
     resume: bool = False
     """Continue the run in ``out`` from its checkpoint."""
+    measure_direction: int | None = None
+    """Every this many steps, also compute the true gradient and log σ and the cosine of the method's
+    update direction (:mod:`gradkit.direction`); None measures nothing."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -93,7 +96,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-        for name in ("limit_train", "limit_test", "threads"):
+        for name in ("limit_train", "limit_test", "threads", "measure_direction"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")

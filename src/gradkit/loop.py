@@ -34,6 +34,7 @@ from gradkit import methods as _methods
 from gradkit.checkpoint import atomic_write, load_checkpoint, save_checkpoint, write_json_atomic
 from gradkit.config import TrainConfig
 from gradkit.data import BatchLoader, Dataset, load_dataset
+from gradkit.direction import measure_direction
 from gradkit.errors import ConfigError, GradkitError, TrainingDiverged
 from gradkit.memory import MemoryReport, measure_step
 from gradkit.methods import Method
@@ -142,6 +143,8 @@ class _EpochTally:
     curve: list[list[float]] = field(default_factory=list)
     """[epoch progress, training seconds since the run began, mean train loss of the window] points,
     about ten per epoch, so short runs still plot as curves."""
+    direction: list[list[float]] = field(default_factory=list)
+    """[σ, cosine] of the steps measured with ``measure_direction``."""
 
     def add(self, loss: float, n: int) -> None:
         self.loss_sum += loss * n
@@ -217,6 +220,7 @@ class _Run:
         self.history: list[dict[str, Any]] = []
         self.memory: MemoryReport | None = None
         self.activation_bytes: int | None = None
+        self.stage_memory: list[dict[str, int]] | None = None
         if saved:
             self._restore(saved)
 
@@ -266,6 +270,7 @@ class _Run:
         self.tally = _EpochTally(**saved["tally"])
         self.history = list(saved["history"])
         self.activation_bytes = saved.get("activation_bytes")
+        self.stage_memory = saved.get("stage_memory")
         torch.set_rng_state(saved["rng"]["cpu"])
         if saved["rng"].get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
@@ -293,6 +298,7 @@ class _Run:
             "tally": self.tally.state(),
             "history": self.history,
             "activation_bytes": self.activation_bytes,
+            "stage_memory": self.stage_memory,
             "rng": {
                 "cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -335,12 +341,20 @@ class _Run:
         start = time.perf_counter() - tally.seconds
         run_seconds_before = self.history[-1]["elapsed_seconds"] if self.history else 0.0
         window = max(1, steps_per_epoch // _CURVE_POINTS_PER_EPOCH)
+        # Memory is measured once, at the first step where every pipeline stage is busy.
+        memory_step = min(self.method.steady_step, steps_per_epoch * config.epochs - 1)
+        every = config.measure_direction
         for x, y in self.train_loader.epoch(epoch, start_step=self.step_in_epoch):
             progress = epoch + self.step_in_epoch / steps_per_epoch
             self.method.set_lr_factor(schedule.factor(progress, total_epochs=config.epochs))
-            if self.global_step == 0:
+            if self.global_step == memory_step:
                 loss, self.memory = measure_step(self.method, x, y)
                 self.activation_bytes = self.memory.activation_bytes
+                self.stage_memory = [s.to_dict() for s in self.memory.stages]
+            elif every is not None and self.global_step % every == 0:
+                loss, sample = measure_direction(self.method, x, y)
+                if sample is not None:
+                    tally.direction.append([sample.sigma, sample.cosine])
             else:
                 loss = self.method.step(x, y)
             if not math.isfinite(loss):
@@ -383,9 +397,20 @@ class _Run:
             "elapsed_seconds": train_time,
             "lr": self.method.optimizers[0].param_groups[0]["lr"],
             "activation_bytes": self.activation_bytes,
+            "stage_memory": self.stage_memory,
             "method": self.config.method,
             "train_curve": tally.curve,
         }
+        if self.config.measure_direction is not None:
+            sigmas = [d[0] for d in tally.direction]
+            cosines = [d[1] for d in tally.direction]
+            record.update(
+                direction_samples=len(sigmas),
+                direction_sigma_mean=sum(sigmas) / len(sigmas) if sigmas else None,
+                direction_sigma_min=min(sigmas) if sigmas else None,
+                direction_cosine_mean=sum(cosines) / len(cosines) if cosines else None,
+                direction_cosine_min=min(cosines) if cosines else None,
+            )
         self.history.append(record)
         self.epoch += 1
         self.step_in_epoch = 0

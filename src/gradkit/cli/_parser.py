@@ -103,6 +103,9 @@ def add_training_args(parser: argparse.ArgumentParser, *, single_method: bool = 
     how.add_argument("--milestones", type=_milestones, default=(), metavar="E1,E2",
                      help="epochs where multistep divides the rate by 10 (default: 50%%,75%% of --epochs)")
     how.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="default: %(default)s")
+    how.add_argument("--measure-direction", type=_positive_int, metavar="N",
+                     help="every N steps also compute the true backprop gradient and log sigma = <grad f, g>/|grad f|^2 "
+                          "and the cosine of the method's update g (per-epoch mean and min in metrics.jsonl)")
 
     where = parser.add_argument_group("where to run")
     where.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads for torch")
@@ -138,6 +141,7 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> TrainConf
         limit_test=args.limit_test,
         resume=getattr(args, "resume", False),
         progress=not args.no_progress,
+        measure_direction=getattr(args, "measure_direction", None),
     )
     fields.update(overrides)
     return TrainConfig(**fields)

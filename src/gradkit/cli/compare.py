@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from gradkit.cli._parser import add_training_args, config_from_args
-from gradkit.compare import compare, format_comparison
+from gradkit.compare import DEFAULT_METHODS, compare, format_comparison
 from gradkit.data import DATASETS, describe_datasets
 from gradkit.methods import METHODS
 
@@ -23,6 +23,8 @@ example:
 
 def _method_list(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
+    if names == ["all"]:
+        return names
     unknown = [n for n in names if n not in METHODS]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
@@ -35,7 +37,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("compare", help=HELP, description=DESCRIPTION,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", type=_method_list, metavar="M1,M2",
-                   help=f"methods to compare (default: all registered: {', '.join(METHODS.names())})")
+                   help=f"methods to compare, or 'all' (default: {', '.join(n for n in DEFAULT_METHODS if n in METHODS)}; "
+                        f"registered: {', '.join(METHODS.names())})")
     p.add_argument("--out", default="runs/compare", metavar="DIR", help="parent of the run folders (default: %(default)s)")
     p.add_argument("--fallback-data", choices=DATASETS.names(), metavar="NAME",
                    help="dataset to use instead when --data is not found anywhere (the demo uses digits)")

@@ -1,0 +1,110 @@
+"""FR, DDG and DNI through the training loop and the CLI: resume with buffers in flight, σ, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from gradkit import RunInterrupted, TrainConfig, train
+from gradkit.checkpoint import load_checkpoint
+from gradkit.cli import main
+from gradkit.data import Dataset
+
+
+def config(out: Path | None, **kw: object) -> TrainConfig:
+    base = dict(method="fr", stages=3, balance="count", model="mlp", data="blobs", epochs=3, batch_size=32,
+                lr=0.05, seed=3, progress=False, out=str(out) if out else None)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "model.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("method", ["fr", "ddg", "dni"])
+def test_ctrl_c_mid_epoch_with_batches_in_flight_resumes_exactly(method: str, tmp_path: Path, blobs: Dataset) -> None:
+    train(config(tmp_path / "full", method=method), dataset=blobs)
+
+    def ctrl_c(epoch: int, step: int, loss: float) -> None:
+        if epoch == 1 and step == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(RunInterrupted):
+        train(config(tmp_path / "cut", method=method), dataset=blobs, on_step=ctrl_c)
+    saved = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    assert saved["method_state"]["pipeline"]["step"] > 0  # the pipeline was not drained
+    train(config(tmp_path / "cut", method=method, resume=True), dataset=blobs)
+    full, cut = records(tmp_path / "full"), records(tmp_path / "cut")
+    assert [r["train_loss"] for r in full] == [r["train_loss"] for r in cut]
+    assert [r["test_acc"] for r in full] == [r["test_acc"] for r in cut]
+    wa, wb = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_crash_resumes_from_the_epoch_checkpoint_that_holds_in_flight_buffers(tmp_path: Path, blobs: Dataset) -> None:
+    train(config(tmp_path / "full", method="ddg"), dataset=blobs)
+
+    def crash(epoch: int, step: int, loss: float) -> None:
+        if epoch == 1 and step == 3:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError):
+        train(config(tmp_path / "cut", method="ddg"), dataset=blobs, on_step=crash)
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["method_state"]["pipeline"]["workers"][0]["stash"]
+    train(config(tmp_path / "cut", method="ddg", resume=True), dataset=blobs)
+    assert [r["train_loss"] for r in records(tmp_path / "full")] == [r["train_loss"] for r in records(tmp_path / "cut")]
+
+
+def test_direction_is_exact_for_backprop_and_measuring_changes_nothing(tmp_path: Path, blobs: Dataset) -> None:
+    bp = train(config(None, method="bp", stages=1, measure_direction=2), dataset=blobs).history
+    assert all(abs(r["direction_sigma_min"] - 1) < 1e-5 and abs(r["direction_cosine_min"] - 1) < 1e-5 for r in bp)
+
+    measured = train(config(None, measure_direction=1), dataset=blobs).history
+    plain = train(config(None), dataset=blobs).history
+    assert [r["train_loss"] for r in measured] == [r["train_loss"] for r in plain]
+    assert [r["test_acc"] for r in measured] == [r["test_acc"] for r in plain]
+    first = measured[0]
+    # Every step but the memory-measured one is sampled; warm-up steps (no update at the low stages) count too.
+    assert first["direction_samples"] >= 8
+    # Single steps may point slightly against ∇f; on average FR's direction is a descent direction.
+    assert first["direction_sigma_min"] <= first["direction_sigma_mean"] and first["direction_sigma_mean"] > 0.1
+    assert -1 <= first["direction_cosine_min"] <= first["direction_cosine_mean"] <= 1
+    assert "direction_sigma_mean" not in plain[0]
+
+
+def test_per_stage_memory_is_in_the_metrics(blobs: Dataset) -> None:
+    history = train(config(None, method="ddg", epochs=1), dataset=blobs).history
+    stages = history[0]["stage_memory"]
+    assert len(stages) == 3
+    assert stages[0]["stashed_graphs_bytes"] > 0 and stages[0]["stashed_weights_bytes"] > 0
+    assert stages[-1]["stashed_graphs_bytes"] == 0  # the last stage keeps nothing in flight
+    assert history[0]["activation_bytes"] == sum(s["total_bytes"] for s in stages)
+
+
+def test_cli_fr_with_one_stage_prints_the_same_losses_as_bp(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    def losses(method: str) -> list[str]:
+        code = main(["train", "--method", method, "--stages", "1", "--model", "mlp", "--data", "digits",
+                     "--epochs", "2", "--no-progress", "--out", str(tmp_path / method)])
+        assert code == 0
+        return [line.split("test_loss")[0] for line in capsys.readouterr().err.splitlines() if "train_loss" in line]
+
+    bp = losses("bp")
+    assert len(bp) == 2 and losses("fr") == bp
+
+
+def test_cli_too_many_stages_is_one_line_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code = main(["train", "--method", "fr", "--stages", "50", "--model", "mlp", "--data", "synthetic",
+                 "--epochs", "1", "--no-progress", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("gradkit train: error: --stages 50 is more than the") and "use --stages <=" in err[-1]
