@@ -21,6 +21,9 @@ from gradkit.data._registry import DATASETS, describe_datasets, load_dataset
 from gradkit.data._subset import stratified_subset
 from gradkit.data._types import Dataset, DatasetInfo, DatasetStatus
 
+# Importing these registers their datasets.
+from gradkit.data import ag_news, graphs  # noqa: E402, F401, I001
+
 __all__ = [
     "DATASETS",
     "BatchLoader",

@@ -224,15 +224,18 @@ class LREstimator:
         return _Pass(block_inputs, inputs, per_sample_loss(self.loss_fn, h, y), numel)
 
     def _chunk(self, start_block: int, ref: _Pass, copies: int) -> int:
-        per_copy = 4 * 4 * sum(ref.block_numel[start_block:]) * (4 if self._has_stepwise(start_block) else 1)
+        """Copies per chunk so that one chunk's activations (about 4x the block outputs, plus what
+        per-step layers record) stay within the memory budget."""
+        per_copy = 16 * sum(ref.block_numel[start_block:])
+        per_copy += 4 * sum(
+            int(getattr(layer.module, "lr_record_numel", 0)) for layer in self.layers
+            if layer.stepwise and layer.block >= start_block
+        )
         chunk = max(1, int(self.config.memory_budget_mb * 2**20 // max(per_copy, 1)))
         chunk = min(chunk, copies)
         if self.config.baseline == "antithetic":
             chunk = max(2, chunk - chunk % 2)
         return chunk
-
-    def _has_stepwise(self, start_block: int) -> bool:
-        return any(layer.stepwise and layer.block >= start_block for layer in self.layers)
 
     def _layer_pass(self, idx: list[int], ref: _Pass, y: torch.Tensor, grads: dict[int, torch.Tensor]) -> None:
         """Noisy passes with noise in layers ``idx`` (one layer, or all of them at once)."""
@@ -317,21 +320,20 @@ class LREstimator:
                 acc.add(name, t)
             acc.log_sigma += float(ls)
             return
-        eps = rec.eps[0].view(copies, batch, *rec.eps[0].shape[1:])  # (copies, batch, *out)
+        eps = rec.eps[0]  # (copies, batch, *per-sample noise)
         wb = w.view(copies, batch, *([1] * (eps.dim() - 2)))
         if self.config.adaptive_sigma:
             # ∂E[L]/∂log σ = E[(L - b)(ε² - 1)] summed over the noise dimensions.
             acc.log_sigma += float((w * (eps**2 - 1).flatten(2).sum(2)).sum())
         if rec.inputs:
             # Noise upstream (all layers at once): each copy has its own input, contract per row.
-            x = rec.inputs[0]
-            g = (wb * eps).reshape(copies * batch, *eps.shape[2:])
-            for name, t in local_grads(layer.module, x, g).items():
+            g = (wb * eps).reshape(-1, *rec.out_tail)
+            for name, t in local_grads(layer.module, rec.inputs[0], g).items():
                 acc.add(name, t)
         else:
             # Layer-wise: every copy saw the same clean input, so sum the noise over copies first and
             # contract once with the clean input (copies-times cheaper).
-            acc.add_g((wb * eps).sum(0))
+            acc.add_g((wb * eps).sum(0).reshape(-1, *rec.out_tail))
 
     def _finish(self, i: int, acc: _Accum, copies: int, batch: int, ref: _Pass, grads: dict[int, torch.Tensor]) -> None:
         layer, st = self.layers[i], self.state[i]
@@ -376,6 +378,8 @@ class _Record:
         self.eps: list[torch.Tensor] = []
         self.inputs: list[torch.Tensor] = []
         self.weight_eps: dict[str, torch.Tensor] = {}
+        self.out_tail: tuple[int, ...] = ()
+        """The layer output's shape without its rows (a sample may own several rows, e.g. time steps)."""
 
 
 class _Accum:
@@ -417,16 +421,18 @@ def _logit_noise(layer: LRLayer, rec: _Record, copies: int, cfg: LRConfig, batch
                              device=out.device).squeeze(1)
             rec.eps.append(eps)
             return out.unsqueeze(0) + layer.sigma * eps
-        if out.shape[0] != copies * batch:
-            # Noise upstream in all-at-once mode still leaves copies*batch rows; anything else is a
-            # layer that mixes samples.
+        rows = out.shape[0]
+        if rows % (copies * batch):
+            # A layer applied per time step (N*T rows) is fine; anything else mixes samples.
             raise ConfigError(
-                f"ulr: {layer.name} ({type(module).__name__}) output has {out.shape[0]} rows, "
-                f"expected {copies}x{batch}; layers that mix samples need the hybrid mode (--stages K)"
+                f"ulr: {layer.name} ({type(module).__name__}) output has {rows} rows, not a multiple of "
+                f"{copies}x{batch}; layers that mix samples need the hybrid mode (--stages K)"
             )
-        eps = draw_noise(copies, batch, tuple(out.shape[1:]), sampler=cfg.sampler, antithetic=antithetic,
-                         device=out.device)
-        rec.eps.append(eps.reshape(out.shape))
+        per_sample = rows // (copies * batch)
+        shape = (per_sample, *out.shape[1:]) if per_sample > 1 else tuple(out.shape[1:])
+        eps = draw_noise(copies, batch, shape, sampler=cfg.sampler, antithetic=antithetic, device=out.device)
+        rec.eps.append(eps)
+        rec.out_tail = tuple(out.shape[1:])
         if not cfg.layerwise:
             rec.inputs.append(inputs[0].detach())
         return out + layer.sigma * eps.reshape(out.shape)

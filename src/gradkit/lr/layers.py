@@ -117,8 +117,8 @@ def find_layers(stages: Sequence[nn.Module]) -> list[LRLayer]:
 
 def local_grads(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Grads:
     """``J_W(x)ᵀ g`` for the module's own trainable parameters (no recursion into children)."""
-    if type(module) is nn.Linear:
-        return _linear(module, x, g)
+    if type(module) is nn.Linear or getattr(module, "lr_linear", False):
+        return _linear(module, x, g)  # type: ignore[arg-type]
     if type(module) is nn.Conv2d and module.padding_mode == "zeros":
         return _conv2d(module, x, g)
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.training:
