@@ -59,6 +59,12 @@ class ForwardGradient(Method):
         return self.directions
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        loss = self.estimate(x, y)
+        self._optimizer.step()
+        return loss
+
+    def estimate(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Fill ``.grad`` with the estimate without stepping; returns the clean loss."""
         primals = tuple(p.detach() for p in self._params)
 
         def loss_of(*params: torch.Tensor) -> torch.Tensor:
@@ -74,5 +80,4 @@ class ForwardGradient(Method):
                     g.add_(v, alpha=float(slope) / self.directions)
         for p, g in zip(self._params, grads, strict=True):
             p.grad = g
-        self._optimizer.step()
         return loss

@@ -74,11 +74,16 @@ class _Perturbation(Method):
             out.append((z, self._loss_at(z, self.sigma, x, y), self._loss_at(z, -self.sigma, x, y)))
         return out
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+    def estimate(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Fill ``.grad`` with the estimate without stepping; returns the clean loss."""
         with eval_mode_after_clean_pass(self, x, y) as loss:
             grads = self._estimate(self._pairs(x, y))
         for p, g in zip(self._params, grads, strict=True):
             p.grad = g
+        return loss
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        loss = self.estimate(x, y)
         self._optimizer.step()
         return loss
 
