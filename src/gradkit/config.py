@@ -14,6 +14,8 @@ from gradkit.optim import OPTIMIZERS, SCHEDULES, LRSchedule, OptimizerConfig
 __all__ = ["TrainConfig", "BALANCES"]
 
 BALANCES = ("time", "params", "count")
+# Mirrors gradkit.compress.MODES (a test keeps them equal) without importing torch code here.
+ACTIVATION_MODES = ("exact", "blpa8", "blpa4", "int8", "int4", "int2", "naive8")
 
 # Fields that may differ between a run and its --resume: they change how, not what, is computed.
 _RESUMABLE_CHANGES = frozenset(
@@ -43,6 +45,9 @@ class TrainConfig:
     """How stages are balanced: ``time`` (profiled), ``params`` or ``count``."""
     method_options: dict[str, Any] = field(default_factory=dict)
     """Method-specific options, passed to the method's constructor."""
+    activations: str = "exact"
+    """How activations are kept for backward: a mode of ``gradkit.compress.MODES`` (``exact``,
+    ``blpa8``, ``blpa4``, ``int8``, ``int4``, ``int2``, ``naive8``)."""
     epochs: int = 5
     """Number of passes over the training set."""
     batch_size: int = 128
@@ -89,6 +94,10 @@ class TrainConfig:
         if self.schedule not in SCHEDULES:
             raise ConfigError(
                 f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}"
+            )
+        if self.activations not in ACTIVATION_MODES:
+            raise ConfigError(
+                f"unknown activations {self.activations!r}; choose one of: {', '.join(ACTIVATION_MODES)}"
             )
         if self.balance not in BALANCES:
             raise ConfigError(f"unknown balance {self.balance!r}; choose one of: {', '.join(BALANCES)}")

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from gradkit import methods as _methods
 from gradkit.checkpoint import atomic_write, load_checkpoint, save_checkpoint, write_json_atomic
+from gradkit.compress import Activations
 from gradkit.config import TrainConfig
 from gradkit.data import BatchLoader, Dataset, load_dataset
 from gradkit.direction import measure_direction
@@ -214,6 +215,9 @@ class _Run:
             optimizer=config.optimizer_config().factory(),
             **config.method_options,
         )
+        # --activations: low-bit copies of saved activations inside every step (exact: untouched).
+        self.activations = Activations(self.model, config.activations)
+        self.activations.attach(self.method)
 
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.tally = _EpochTally()

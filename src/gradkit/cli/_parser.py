@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import NoReturn
 
-from gradkit.config import BALANCES, TrainConfig
+from gradkit.config import ACTIVATION_MODES, BALANCES, TrainConfig
 from gradkit.data import DATASETS
 from gradkit.methods import METHODS
 from gradkit.models import MODELS
@@ -103,6 +103,10 @@ def add_training_args(parser: argparse.ArgumentParser, *, single_method: bool = 
     how.add_argument("--milestones", type=_milestones, default=(), metavar="E1,E2",
                      help="epochs where multistep divides the rate by 10 (default: 50%%,75%% of --epochs)")
     how.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="default: %(default)s")
+    how.add_argument("--activations", default=_DEFAULTS.activations, choices=ACTIVATION_MODES,
+                     help="activations kept for backward: exact, blpa8/blpa4 (BN->ReLU->Conv codes, "
+                          "Chakrabarti & Moseley 2019), int8/int4/int2 (any model), naive8 "
+                          "(quantised forward too); combinable with every method (default: %(default)s)")
     how.add_argument("--measure-direction", type=_positive_int, metavar="N",
                      help="every N steps also compute the true backprop gradient and log sigma = <grad f, g>/|grad f|^2 "
                           "and the cosine of the method's update g (per-epoch mean and min in metrics.jsonl)")
@@ -125,6 +129,7 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> TrainConf
         stages=args.stages,
         balance=args.balance,
         method_options=dict(getattr(args, "method_options", None) or []),
+        activations=getattr(args, "activations", "exact"),
         epochs=args.epochs,
         batch_size=args.batch_size,
         optimizer=args.optimizer,

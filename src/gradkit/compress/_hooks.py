@@ -121,6 +121,7 @@ class ActivationCompressor:
         self._excluded: set[int] = set()
         self._seen: dict[tuple[Any, ...], tuple[weakref.ref[torch.Tensor], Any]] = {}
         self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
+        self._outer: Any = None
         self.records: list[SavedRecord] | None = None
         if overrides:
             self._install_overrides(overrides)
@@ -197,6 +198,10 @@ class ActivationCompressor:
                 excluded.add(t.untyped_storage().data_ptr())
         self._step_excluded = excluded
         self._seen.clear()
+        # An outer meter (gradkit.memory.SavedTensorsMeter) would be shadowed by these hooks; instead
+        # it is shown what is really stored: kept tensors, and the codes and ranges of packed ones.
+        top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        self._outer = top[0] if top is not None else None
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
         self._hooks.__enter__()
         return self
@@ -239,6 +244,8 @@ class ActivationCompressor:
         if reason is not None:
             if self.records is not None and reason != "param":
                 self._record(t, t.untyped_storage().nbytes(), reason)
+            if self._outer is not None:
+                self._outer(t)
             return t
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
         hit = self._seen.get(key)
@@ -252,6 +259,9 @@ class ActivationCompressor:
         packed = pack(t, bits, group_size=self.group_size, rounding=self.rounding)
         shared = _Shared(packed, self.reference)
         self._seen[key] = (weakref.ref(t), shared)
+        if self._outer is not None:
+            for part in (packed.data, packed.lo, packed.step):
+                self._outer(part)
         if self.records is not None:
             self._record(t, packed.nbytes, f"int{bits}")
         return shared

@@ -1,0 +1,236 @@
+"""The faithful path: BatchNorm -> ReLU -> Conv as one autograd function that keeps 4/8-bit codes.
+
+Chakrabarti & Moseley, "Backprop with Approximate Activations for Memory-efficient Network Training"
+(NeurIPS 2019), Sec. 3: the forward pass is exact; for backward the unit keeps only a ``bits``-bit code
+of the normalised value ``x̂ = (x - μ) / σ`` per element plus per-channel statistics. The quantiser is
+uniform over a 6σ window (±3 in ``x̂``) with ``2**bits`` bins, shifted per channel so that the ReLU
+threshold ``x̂ = -β/γ`` is a bin edge, and decodes to the bin centre. So:
+
+* the ReLU mask read from the codes is exact (bins lie wholly on one side of the threshold),
+* the conv's input gradient and the BN shift (β) gradient are exact,
+* only the conv weight gradient, the BN scale (γ) gradient and the BN variance term see the
+  approximation.
+
+Beyond the reference (TensorFlow 1, hand-written graph): running statistics are updated as
+``nn.BatchNorm2d`` does, eval mode (running statistics) works with gradients enabled, γ may be
+negative or zero (the window is laid out for ``sign(γ)·x̂``; a zero-γ channel's ReLU is constant), and
+the threshold keeps at least one bin on each side even when it falls outside ±3 (the reference's rare
+mask failure when ``β/γ <= -3 + 6/2**bits``).
+
+Everything is computed in "v" units per channel, ``v = (sign(γ)·x̂ - t) / s`` with threshold
+``t = -β/|γ|`` and bin width ``s = 6 / 2**bits``, so that the ReLU input is ``|γ|·s·v`` and its sign is
+the sign of ``v`` exactly, in floating point too: the code ``c = ceil(v) - 1 + c_t`` is >= ``c_t``
+exactly when ``v > 0``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradkit.compress._quant import _pack_codes, _unpack_codes
+
+__all__ = ["bn_relu_conv", "apply_blpa", "remove_blpa", "blpa_units"]
+
+log = logging.getLogger(__name__)
+
+_WINDOW = 6.0  # the 6-standard-deviation window of the paper (±3 in x̂)
+
+
+def _batch_stats(x: torch.Tensor, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance used to normalise, updating running statistics as BatchNorm does."""
+    use_batch = bn.training or bn.running_mean is None
+    if not use_batch:
+        assert bn.running_mean is not None and bn.running_var is not None
+        return bn.running_mean, bn.running_var
+    var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+    if bn.training and bn.track_running_stats and bn.running_mean is not None:
+        assert bn.running_var is not None and bn.num_batches_tracked is not None
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+            n = x.numel() / x.shape[1]
+            bn.running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
+            bn.running_var.mul_(1 - momentum).add_(var * (n / max(n - 1, 1)), alpha=momentum)
+    return mean, var
+
+
+def _outside(c_t: torch.Tensor, levels: int) -> bool:
+    return bool(((c_t < 1) | (c_t > levels)).any())
+
+
+def _fix_outside_codes(codes: torch.Tensor, above: torch.Tensor, c_t: torch.Tensor, levels: int) -> None:
+    """Channels whose threshold lies outside the ±3 window keep the window for x̂ and reserve an end
+    code for the far side of the threshold: code 0 means "at or below t" when t is below the window,
+    code ``levels`` "above t" when t is above it. Rare, so done on those channels only."""
+    low = (c_t < 1).nonzero().flatten()
+    if low.numel():
+        sub = codes[:, low]
+        codes[:, low] = torch.where(above[:, low], sub.clamp_min(1), torch.zeros_like(sub))
+    high = (c_t > levels).nonzero().flatten()
+    if high.numel():
+        sub = codes[:, high]
+        codes[:, high] = torch.where(above[:, high], torch.full_like(sub, levels), sub.clamp_max(levels - 1))
+
+
+def _fix_outside_values(v: torch.Tensor, codes: torch.Tensor, c_t: torch.Tensor, levels: int) -> None:
+    """Decode the reserved end codes of :func:`_fix_outside_codes` just across the threshold."""
+    low = (c_t < 1).nonzero().flatten()
+    if low.numel():
+        v[:, low] = torch.where(codes[:, low] == 0, -0.5, v[:, low])
+    high = (c_t > levels).nonzero().flatten()
+    if high.numel():
+        v[:, high] = torch.where(codes[:, high] == levels, 0.5, v[:, high])
+
+
+class _BNReLUConv(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        gamma: torch.Tensor,
+        beta: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        bn: nn.BatchNorm2d,
+        conv: nn.Conv2d,
+        bits: int,
+    ) -> torch.Tensor:
+        levels = 2**bits - 1
+        s = _WINDOW / 2**bits
+        mean, var = _batch_stats(x, bn)
+        batch_stats = bn.training or bn.running_mean is None
+        invstd = torch.rsqrt(var + bn.eps)
+        sign = torch.where(gamma < 0, -1.0, 1.0).to(x.dtype)
+        absg = gamma.abs()
+        zero = absg == 0
+        t = torch.where(zero, torch.zeros_like(beta), -beta / absg.clamp_min(1e-30))
+        # Code of the first bin above the threshold when the window is [-3, 3]; outside 1..levels
+        # when the threshold lies outside the window (see _outside).
+        c_t = torch.round((t + _WINDOW / 2) / s)
+        shape = (1, -1, 1, 1)
+        a_v = (sign * invstd / s).view(shape)
+        b_v = ((-sign * mean * invstd - t) / s).view(shape)
+        v = torch.addcmul(b_v, x, a_v)
+        # ReLU input |γ|·s·v (β itself for a zero-γ channel): its sign is v's sign, bit for bit.
+        scale_y = (absg * s).view(shape)
+        shift_y = torch.where(zero, beta, torch.zeros_like(beta)).view(shape)
+        y = torch.addcmul(shift_y, v, scale_y).clamp_min_(0)
+        out = F.conv2d(y, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        above = v > 0 if _outside(c_t, levels) else None
+        codes = v.ceil_().add_((c_t - 1).view(shape)).clamp_(0, levels)
+        if above is not None:
+            _fix_outside_codes(codes, above, c_t, levels)
+        codes = codes.to(torch.uint8)
+        per_byte = 8 // bits
+        if codes.numel() % per_byte:  # odd sizes keep one code per byte
+            ctx.packed_bits, data = 8, codes.view(1, -1)
+        else:
+            ctx.packed_bits, data = bits, _pack_codes(codes.view(1, -1), bits)
+        ctx.bin_width = s
+        ctx.bits = bits
+        ctx.shape = x.shape
+        ctx.batch_stats = batch_stats
+        ctx.conv = (conv.stride, conv.padding, conv.dilation, conv.groups)
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(data, weight, gamma, invstd, sign, t, c_t, scale_y, shift_y)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        data, weight, gamma, invstd, sign, t, c_t, scale_y, shift_y = ctx.saved_tensors
+        s = ctx.bin_width
+        shape = (1, -1, 1, 1)
+        codes = _unpack_codes(data, ctx.packed_bits).view(ctx.shape)
+        v = codes.float().sub_((c_t - 0.5).view(shape))  # bin centres, in v units
+        if _outside(c_t, 2**ctx.bits - 1):
+            _fix_outside_values(v, codes, c_t, 2**ctx.bits - 1)
+        y = torch.addcmul(shift_y, v, scale_y).clamp_min_(0)
+        stride, padding, dilation, groups = ctx.conv
+        need_x, need_g, need_b, need_w, need_bias = ctx.needs_input_grad[:5]
+        grad_y, grad_w, grad_bias = torch.ops.aten.convolution_backward(
+            grad_out, y, weight, [weight.shape[0]] if ctx.has_bias else None,
+            stride, padding, dilation, False, [0, 0], groups,
+            [need_x or need_g or need_b, need_w, need_bias and ctx.has_bias],
+        )
+        grad_x = grad_gamma = grad_beta = None
+        if grad_y is not None:
+            grad_z = grad_y.mul_(y > 0)  # exact mask: y > 0 exactly when the code is above c_t
+            dims = (0, 2, 3)
+            sum_g = grad_z.sum(dims)
+            # x̂ = sign·(t + s·v), so Σ g·x̂ follows from Σ g and Σ g·v.
+            sum_gxhat = sign * (t * sum_g + s * (grad_z * v).sum(dims))
+            grad_gamma = sum_gxhat if need_g else None
+            grad_beta = sum_g if need_b else None
+            if need_x:
+                k = (gamma * invstd).view(shape)
+                if ctx.batch_stats:
+                    n = grad_z.numel() / grad_z.shape[1]
+                    # dx = γ/σ · (g - mean(g) - x̂·mean(g·x̂)), the BatchNorm backward.
+                    xhat = torch.addcmul((sign * t).view(shape), v, (sign * s).view(shape))
+                    grad_x = (grad_z - (sum_g / n).view(shape)).sub_(
+                        xhat.mul_((sum_gxhat / n).view(shape))).mul_(k)
+                else:
+                    grad_x = grad_z.mul(k)
+        return grad_x, grad_gamma, grad_beta, grad_w, grad_bias, None, None, None
+
+
+def bn_relu_conv(x: torch.Tensor, bn: nn.BatchNorm2d, conv: nn.Conv2d, bits: int) -> torch.Tensor:
+    """``conv(relu(bn(x)))`` with BLPA storage for backward (plain modules when no gradient is needed)."""
+    if not torch.is_grad_enabled() or bn.weight is None or bn.bias is None:
+        return conv(F.relu(bn(x)))
+    return _BNReLUConv.apply(x, bn.weight, bn.bias, conv.weight, conv.bias, bn, conv, bits)
+
+
+def _basic_forward(block: Any, bits: int, x: torch.Tensor) -> torch.Tensor:
+    out = bn_relu_conv(block.conv1(x), block.bn1, block.conv2, bits)
+    return block.relu2(block.bn2(out) + block.shortcut(x))
+
+
+def _bottleneck_forward(block: Any, bits: int, x: torch.Tensor) -> torch.Tensor:
+    out = bn_relu_conv(block.conv1(x), block.bn1, block.conv2, bits)
+    out = bn_relu_conv(out, block.bn2, block.conv3, bits)
+    return block.relu3(block.bn3(out) + block.shortcut(x))
+
+
+def blpa_units(model: nn.Module) -> list[tuple[str, Any]]:
+    """The residual blocks of ``model`` whose BatchNorm -> ReLU -> Conv units the faithful path handles.
+
+    These are gradkit's ``BasicBlock`` (bn1 -> relu1 -> conv2) and ``Bottleneck`` (two units), with
+    BatchNorm (not identity) norms. Other layers go through the generic path.
+    """
+    from gradkit.models.resnet import BasicBlock, Bottleneck  # models import nothing from compress
+
+    units: list[tuple[str, Any]] = []
+    for name, m in model.named_modules():
+        if isinstance(m, BasicBlock | Bottleneck) and isinstance(m.bn1, nn.BatchNorm2d):
+            units.append((name, m))
+    return units
+
+
+def apply_blpa(model: nn.Module, bits: int) -> int:
+    """Route the residual blocks of ``model`` through :func:`bn_relu_conv`; returns how many.
+
+    The blocks keep their modules, parameters and ``state_dict`` keys; only the instance's
+    ``forward`` changes (undo with :func:`remove_blpa`).
+    """
+    from gradkit.models.resnet import Bottleneck
+
+    units = blpa_units(model)
+    for _, block in units:
+        forward = _bottleneck_forward if isinstance(block, Bottleneck) else _basic_forward
+        block.forward = functools.partial(forward, block, bits)
+    if not units:
+        log.info("no BatchNorm->ReLU->Conv residual blocks found; every tensor uses the generic path")
+    return len(units)
+
+
+def remove_blpa(model: nn.Module) -> None:
+    """Undo :func:`apply_blpa`."""
+    for _, block in blpa_units(model):
+        block.__dict__.pop("forward", None)

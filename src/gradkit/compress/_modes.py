@@ -1,0 +1,193 @@
+"""The ``--activations`` modes and the object that applies one to a model for a training step."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradkit.compress import _quant
+from gradkit.compress._blpa import apply_blpa, remove_blpa
+from gradkit.compress._hooks import ActivationCompressor, SavedRecord
+from gradkit.errors import ConfigError
+
+__all__ = ["MODES", "ModeSpec", "Activations", "parse_mode"]
+
+
+@dataclass(frozen=True)
+class ModeSpec:
+    name: str
+    bits: int | None
+    blpa: bool = False
+    naive: bool = False
+    help: str = ""
+
+
+MODES: dict[str, ModeSpec] = {
+    m.name: m
+    for m in (
+        ModeSpec("exact", None, help="full-precision activations (plain backprop)"),
+        ModeSpec("blpa8", 8, blpa=True, help="BN->ReLU->Conv units keep 8-bit x̂ codes (Chakrabarti & "
+                 "Moseley 2019); other saved tensors 8-bit generic"),
+        ModeSpec("blpa4", 4, blpa=True, help="as blpa8 with 4-bit codes (~8x less activation memory)"),
+        ModeSpec("int8", 8, help="every saved activation as 8-bit per-group codes (GACT-style)"),
+        ModeSpec("int4", 4, help="every saved activation as 4-bit per-group codes"),
+        ModeSpec("int2", 2, help="every saved activation as 2-bit per-group codes (ActNN-style)"),
+        ModeSpec("naive8", 8, naive=True, help="baseline: activations quantised to 8 bits in the forward "
+                 "pass too (the comparison in the BLPA paper)"),
+    )
+}
+
+_OPTION_KEYS = ("group_size", "rounding", "min_numel", "reference", "overrides")
+
+
+def parse_mode(name: str) -> ModeSpec:
+    """The :class:`ModeSpec` called ``name``; a one-line :class:`ConfigError` otherwise."""
+    spec = MODES.get(name)
+    if spec is None:
+        raise ConfigError(f"unknown --activations {name!r}; choose one of: {', '.join(MODES)}")
+    return spec
+
+
+def _fake_quant_hook(bits: int, group_size: int) -> Any:
+    def hook(_m: nn.Module, _args: Any, out: Any) -> Any:
+        if not isinstance(out, torch.Tensor) or not out.is_floating_point() or out.numel() < group_size:
+            return out
+        with torch.no_grad():
+            q = _quant.unpack(_quant.pack(out, bits, group_size=group_size, rounding="nearest"))
+        # Straight-through: the forward sees the 8-bit value, the gradient passes unchanged.
+        return out + (q - out).detach()
+
+    return hook
+
+
+_NAIVE_TYPES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU,
+                nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
+
+
+class Activations:
+    """One ``--activations`` mode applied to ``model``: ``with act: loss = method.step(x, y)``.
+
+    Building it prepares the model once (the blpa modes route residual blocks through the fused
+    BatchNorm->ReLU->Conv function, naive8 adds forward hooks that quantise activations); entering it
+    installs the saved-tensor hooks for the step. ``exact`` costs nothing: entering is a no-op.
+
+    Args:
+        model: the model being trained.
+        mode: a name from :data:`MODES`.
+        options: ``group_size`` (256), ``rounding`` ("stochastic"/"nearest"), ``min_numel`` (1024),
+            ``reference`` (use the pure-PyTorch reference pack/unpack), ``overrides`` (module name ->
+            bits or None, e.g. ``{"stem": 8, "head": None}``).
+
+    Raises:
+        ConfigError: unknown mode or option, or a bad option value.
+    """
+
+    def __init__(self, model: nn.Module, mode: str = "exact", **options: Any) -> None:
+        self.spec = parse_mode(mode)
+        unknown = sorted(set(options) - set(_OPTION_KEYS))
+        if unknown:
+            raise ConfigError(f"unknown activation option {unknown[0]!r}; known: {', '.join(_OPTION_KEYS)}")
+        self.model = model
+        self.options = options
+        self.blpa_blocks = 0
+        self._naive_handles: list[Any] = []
+        self.compressor: ActivationCompressor | None = None
+        if self.spec.bits is None and not options.get("overrides"):
+            return
+        overrides: Mapping[str, int | None] = options.get("overrides") or {}
+        try:
+            self.compressor = ActivationCompressor(
+                model, self.spec.bits,
+                group_size=int(options.get("group_size", 256)),
+                rounding=str(options.get("rounding", "stochastic")),
+                min_numel=int(options.get("min_numel", 1024)),
+                overrides=overrides,
+                reference=bool(options.get("reference", False)),
+            )
+        except ValueError as exc:
+            raise ConfigError(f"--activations {mode}: {exc}") from None
+        if self.spec.blpa:
+            assert self.spec.bits is not None
+            self.blpa_blocks = apply_blpa(model, self.spec.bits)
+        if self.spec.naive:
+            assert self.spec.bits is not None
+            hook = _fake_quant_hook(self.spec.bits, int(options.get("group_size", 256)))
+            for m in model.modules():
+                if isinstance(m, _NAIVE_TYPES):
+                    self._naive_handles.append(m.register_forward_hook(hook))
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def close(self) -> None:
+        """Undo every change made to the model."""
+        if self.spec.blpa:
+            remove_blpa(self.model)
+        for h in self._naive_handles:
+            h.remove()
+        self._naive_handles.clear()
+        if self.compressor is not None:
+            self.compressor.close()
+
+    def __enter__(self) -> Activations:
+        if self.compressor is not None:
+            self.compressor.__enter__()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.compressor is not None:
+            self.compressor.__exit__(exc_type, exc, tb)
+
+    def attach(self, method: Any) -> None:
+        """Run every ``method.step`` inside this context (no-op for ``exact``).
+
+        The step itself is wrapped, rather than the loop's call, so that whatever else wraps a step
+        (``gradkit.memory.measure_step``'s meter, direction diagnostics) sees compressed storage: the
+        compressor's hooks are innermost and report what they store to an enclosing meter.
+        """
+        if self.compressor is None:
+            return
+        step = method.step
+
+        def step_with_activations(x: torch.Tensor, y: torch.Tensor) -> float:
+            with self:
+                return step(x, y)
+
+        method.step = step_with_activations
+
+    @contextlib.contextmanager
+    def recording(self, exclude: list[torch.Tensor] | None = None) -> Any:
+        """Within the step run inside this block, record every saved tensor; yields the list.
+
+        For ``exact`` a plain recorder (bits None) is used, so the same accounting applies to all modes.
+        """
+        comp = self.compressor
+        temporary = comp is None
+        if comp is None:
+            comp = ActivationCompressor(self.model, None)
+        if exclude:
+            comp.exclude(exclude)
+        records: list[SavedRecord] = []
+        comp.start_recording()
+        try:
+            if temporary:
+                with comp:
+                    yield records
+            else:
+                yield records
+        finally:
+            records.extend(comp.stop_recording())
+            if temporary:
+                comp.close()
