@@ -33,7 +33,7 @@ from typing import Any
 import gradkit
 from gradkit.data import load_dataset
 from gradkit.envinfo import collect, format_env
-from gradkit.runs import format_bytes, format_table, read_run
+from gradkit.runs import format_bytes, read_run
 
 
 @dataclasses.dataclass(frozen=True)

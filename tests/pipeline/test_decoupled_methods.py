@@ -223,3 +223,21 @@ def test_predict_uses_current_weights_outside_the_pipeline() -> None:
     method.train()
     after = method.state_dict()
     assert after["pipeline"]["step"] == before["pipeline"]["step"]
+
+
+def test_synchronous_pipeline_equals_backprop() -> None:
+    from gradkit.methods.synchronous import SynchronousPipeline
+
+    ref_model, model = small_model(), small_model()
+    opt = OptimizerConfig(lr=0.1)
+    reference = build("bp", [ref_model], optimizer=opt.factory())
+    method = SynchronousPipeline(gradkit.split(model, 3, balance="count"), optimizer=opt.factory(),
+                                 record_timeline=True)
+    for x, y in batches():
+        torch.testing.assert_close(method.step(x, y), reference.step(x, y), rtol=1e-6, atol=0)
+    for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    # forward up, loss, backward down, then each stage updates: every stage finishes batch t in step t
+    first_step = [(e.stage, e.op) for e in method.executor.timeline if e.step == 0]
+    assert first_step == [(0, "forward"), (1, "forward"), (2, "loss"), (2, "update"),
+                          (1, "backward"), (1, "update"), (0, "backward"), (0, "update")]

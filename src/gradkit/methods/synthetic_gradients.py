@@ -159,7 +159,7 @@ class SyntheticGradientWorker(StageWorker):
 
     def buffers(self) -> dict[str, list[torch.Tensor]]:
         stored = [t for _, h, y, d in self.pending for t in (h, y, d) if t is not None]
-        synth = list(self.synthesizer.parameters()) if self.synthesizer is not None else []
+        synth: list[torch.Tensor] = list(self.synthesizer.parameters()) if self.synthesizer is not None else []
         return {"stored_outputs": stored, "synthesizer": synth}
 
     def buffer_state(self) -> dict[str, Any]:

@@ -33,6 +33,7 @@ __all__ = [
     "DATA",
     "DELTA",
     "LABEL",
+    "SCHEDULES",
     "Action",
     "Schedule",
     "ReplaySchedule",
@@ -236,3 +237,12 @@ class SynchronousSchedule(Schedule):
 
     def drain_steps(self) -> int:
         return 0
+
+
+SCHEDULES: dict[str, type[Schedule]] = {
+    "fr": ReplaySchedule,
+    "ddg": DelayedGradientSchedule,
+    "dni": SyntheticGradientSchedule,
+    "bp": SynchronousSchedule,
+}
+"""The schedule of each pipelined method (``bp``: the synchronous, backward-locked pipeline)."""

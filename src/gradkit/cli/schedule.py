@@ -1,0 +1,40 @@
+"""``gradkit schedule``: print a pipeline schedule as a grid of steps x stages."""
+
+from __future__ import annotations
+
+import argparse
+
+from gradkit.cli._parser import _positive_int
+from gradkit.pipeline.schedule import SCHEDULES, SyntheticGradientSchedule
+
+HELP = "print which stage does what at each step (fr, ddg, dni, or the synchronous bp pipeline)"
+DESCRIPTION = """\
+Print the order of actions of a K-stage pipeline, one row per step and one column per stage: the
+same schedule object the executor runs. "play"/"forward" send a batch up, "replay"/"backward"
+send its error gradient down, "update" is the optimizer step, "loss" is the last stage's forward
+and backward, "synthetic" updates with a DNI synthesizer's prediction and "fit" trains it.
+
+example:
+  gradkit schedule --method fr --stages 3 --steps 6
+  gradkit schedule --method fr --stages 3 --steps 8 --last-batch 4    # the drain after batch 4
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("schedule", help=HELP, description=DESCRIPTION,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", choices=sorted(SCHEDULES), default="fr", help="default: %(default)s")
+    p.add_argument("--stages", type=_positive_int, default=3, metavar="K", help="default: %(default)s")
+    p.add_argument("--steps", type=_positive_int, default=6, help="rows to print (default: %(default)s)")
+    p.add_argument("--last-batch", type=int, metavar="B", help="show the pipeline draining after batch B")
+    p.add_argument("--warmup-steps", type=int, default=0, metavar="W",
+                   help="dni only: steps that wait for true gradients (default: 0)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    cls = SCHEDULES[args.method]
+    schedule = (SyntheticGradientSchedule(args.stages, locked_steps=args.warmup_steps)
+                if cls is SyntheticGradientSchedule else cls(args.stages))
+    print(schedule.grid(args.steps, last_batch=args.last_batch))
+    return 0
