@@ -114,3 +114,10 @@ def test_a_schedule_that_cannot_progress_is_an_error_not_a_hang() -> None:
 
     with pytest.raises(PipelineError, match="no stage can proceed"):
         LocalExecutor(Stuck(2), [None, None]).run_step(0, torch.zeros(1), torch.zeros(1))  # type: ignore[list-item]
+
+
+def test_schedule_command_prints_the_grid(capsys: pytest.CaptureFixture[str]) -> None:
+    from gradkit.cli import main
+
+    assert main(["schedule", "--method", "fr", "--stages", "3", "--steps", "3"]) == 0
+    assert capsys.readouterr().out.strip() == ReplaySchedule(3).grid(3)
