@@ -57,8 +57,9 @@ def compare(
 
     Args:
         base: the configuration every method uses (its ``method`` and ``out`` are replaced).
-        methods: names from ``METHODS``; None means :data:`DEFAULT_METHODS` (those registered),
-            ``["all"]`` every registered method.
+        methods: names from ``METHODS``, each optionally with its own stage count (``"fr:2"``
+            trains fr with K=2 whatever ``base.stages`` says); None means :data:`DEFAULT_METHODS`
+            (those registered), ``["all"]`` every registered method.
         out: parent folder of the run folders and of ``compare.png``.
         dataset: an already loaded dataset.
         plot: write ``out/compare.png`` (needs matplotlib).
@@ -72,8 +73,7 @@ def compare(
         names = METHODS.names()
     else:
         names = list(methods)
-    for name in names:
-        METHODS.get(name)  # fails early, listing the valid names
+    specs = [_parse_spec(n, base.stages) for n in names]
     if len(set(names)) != len(names):
         raise ConfigError(f"each method may appear once in --methods, got {', '.join(names)}")
     out = Path(out)
@@ -83,8 +83,9 @@ def compare(
             limit_train=base.limit_train, limit_test=base.limit_test, seed=base.seed,
         )
     rows = []
-    for name in names:
-        config = dataclasses.replace(base, method=name, out=str(out / name))
+    for name, (method, stages) in zip(names, specs, strict=True):
+        folder = name.replace(":", "-k")
+        config = dataclasses.replace(base, method=method, stages=stages, out=str(out / folder))
         log.info("training %s", name)
         try:
             result = train(config, dataset=dataset)
@@ -94,12 +95,23 @@ def compare(
             continue
         rows.append(_row(name, result.history, config.out_path))
     plot_path = None
-    finished = [r.method for r in rows if r.status == "ok"]
+    finished = [r.run_dir for r in rows if r.status == "ok" and r.run_dir is not None]
     if plot and finished:
         from gradkit.plot import plot_runs
 
-        plot_path = plot_runs([read_run(out / n) for n in finished], out / "compare.png")
+        plot_path = plot_runs([read_run(d) for d in finished], out / "compare.png")
     return rows, plot_path
+
+
+def _parse_spec(spec: str, default_stages: int) -> tuple[str, int]:
+    """``"fr:2"`` -> ("fr", 2); ``"bp"`` -> ("bp", default_stages)."""
+    name, sep, k = spec.partition(":")
+    METHODS.get(name)  # fails early, listing the valid names
+    if not sep:
+        return name, default_stages
+    if not k.isdigit() or int(k) < 1:
+        raise ConfigError(f"bad stage count in {spec!r}; write METHOD:K with K >= 1, e.g. fr:2")
+    return name, int(k)
 
 
 def _row(method: str, history: list[dict[str, Any]], run_dir: Path | None) -> CompareRow:

@@ -108,3 +108,15 @@ def test_cli_too_many_stages_is_one_line_exit_2(capsys: pytest.CaptureFixture[st
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err[-1].startswith("gradkit train: error: --stages 50 is more than the") and "use --stages <=" in err[-1]
+
+
+def test_compare_gives_each_method_its_own_stage_count(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code = main(["compare", "--methods", "bp,fr:3,ddg:2", "--model", "mlp", "--data", "digits", "--epochs", "1",
+                 "--no-progress", "--out", str(tmp_path / "cmp")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert json.loads((tmp_path / "cmp" / "fr-k3" / "config.json").read_text())["stages"] == 3
+    assert json.loads((tmp_path / "cmp" / "ddg-k2" / "config.json").read_text())["stages"] == 2
+    assert json.loads((tmp_path / "cmp" / "bp" / "config.json").read_text())["stages"] == 1
+    assert "fr:3" in out and "ddg:2" in out
+    assert main(["compare", "--methods", "fr:0", "--model", "mlp", "--data", "digits", "--out", str(tmp_path / "x")]) == 2

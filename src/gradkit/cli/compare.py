@@ -25,7 +25,7 @@ def _method_list(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     if names == ["all"]:
         return names
-    unknown = [n for n in names if n not in METHODS]
+    unknown = [n for n in names if n.partition(":")[0] not in METHODS]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
             f"unknown method {', '.join(unknown) or text!r}; choose from: {', '.join(METHODS.names())}"
@@ -37,7 +37,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("compare", help=HELP, description=DESCRIPTION,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", type=_method_list, metavar="M1,M2",
-                   help=f"methods to compare, or 'all' (default: {', '.join(n for n in DEFAULT_METHODS if n in METHODS)}; "
+                   help=f"methods to compare, each optionally METHOD:K with its own stage count "
+                        f"(e.g. bp,fr:2,ddg:2), or 'all' (default: {', '.join(n for n in DEFAULT_METHODS if n in METHODS)}; "
                         f"registered: {', '.join(METHODS.names())})")
     p.add_argument("--out", default="runs/compare", metavar="DIR", help="parent of the run folders (default: %(default)s)")
     p.add_argument("--fallback-data", choices=DATASETS.names(), metavar="NAME",
