@@ -8,13 +8,13 @@ from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
-from gradkit.cli import compare, datasets, diagnose, env, evaluate, plot, schedule, train
+from gradkit.cli import compare, datasets, diagnose, env, evaluate, memory, plot, schedule, train
 from gradkit.cli._parser import Parser
 from gradkit.errors import GradkitError
 
 __all__ = ["main"]
 
-_COMMANDS = (train, compare, plot, datasets, env, diagnose, evaluate, schedule)
+_COMMANDS = (train, compare, plot, datasets, env, diagnose, evaluate, schedule, memory)
 
 
 class _TqdmHandler(logging.Handler):

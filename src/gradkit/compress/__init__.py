@@ -21,12 +21,14 @@ Example:
 from gradkit.compress._blpa import apply_blpa, bn_relu_conv, remove_blpa
 from gradkit.compress._check import LayerGradient, check_gradients
 from gradkit.compress._hooks import ActivationCompressor, SavedRecord
+from gradkit.compress._measure import ActivationMemory, measure_activations
 from gradkit.compress._modes import MODES, Activations, ModeSpec, parse_mode
 from gradkit.compress._quant import Packed, pack, pack_reference, unpack, unpack_reference
 
 __all__ = [
     "MODES",
     "ActivationCompressor",
+    "ActivationMemory",
     "Activations",
     "LayerGradient",
     "ModeSpec",
@@ -35,6 +37,7 @@ __all__ = [
     "apply_blpa",
     "bn_relu_conv",
     "check_gradients",
+    "measure_activations",
     "pack",
     "pack_reference",
     "parse_mode",

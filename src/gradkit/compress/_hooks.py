@@ -7,7 +7,8 @@ only the copies kept for backward are approximate (Chakrabarti & Moseley, NeurIP
 
 What is left alone, because compressing it would free nothing or break something:
 parameters and buffers (and autocast's cast copies of them), leaves such as the user's input batch,
-integer and bool tensors (indices, masks), and tiny tensors (BatchNorm statistics, scalars).
+integer and bool tensors (indices, masks; int64 ones are narrowed losslessly to int16/int32 when
+their values fit, e.g. max-pool indices), and tiny tensors (BatchNorm statistics, scalars).
 A tensor saved by several operations (a ReLU output saved by the ReLU and by the next conv) is packed
 once and decoded once: the decoded copy is shared until its last reader has taken it.
 """
@@ -39,7 +40,8 @@ class SavedRecord:
     exact_bytes: int
     stored_bytes: int
     kind: str
-    """``int4`` etc. when packed, else why it was kept: ``leaf``, ``int``, ``tiny``, ``exact``."""
+    """``int4`` etc. when packed, ``int64->int16`` when narrowed losslessly, else why it was kept:
+    ``leaf``, ``int``, ``tiny``, ``exact``."""
 
 
 class _Shared:
@@ -68,9 +70,30 @@ def _drop(stack: list[Any]) -> None:
     stack.pop()
 
 
+class _Narrowed:
+    """An int64 tensor (max-pool indices, embedding ids) stored losslessly in a narrower integer type."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: torch.Tensor) -> None:
+        self.data = data
+
+
+def _narrow(t: torch.Tensor) -> torch.Tensor | None:
+    """``t`` as int16/int32 when every value fits, else None (lossless; restored to int64)."""
+    lo, hi = int(t.min()), int(t.max())
+    for dtype in (torch.int16, torch.int32):
+        info = torch.iinfo(dtype)
+        if info.min <= lo and hi <= info.max:
+            return t.to(dtype)
+    return None
+
+
 def _unpack(saved: Any) -> torch.Tensor:
     if isinstance(saved, _Shared):
         return saved.take()
+    if isinstance(saved, _Narrowed):
+        return saved.data.to(torch.int64)
     return saved
 
 
@@ -180,7 +203,7 @@ class ActivationCompressor:
     def _record(self, t: torch.Tensor, stored: int, kind: str) -> None:
         assert self.records is not None
         storage = t.untyped_storage()
-        if not kind.startswith("int"):
+        if kind in ("int", "tiny", "leaf", "exact"):
             # Kept tensors stay alive until backward, so their address identifies them; packed ones
             # are recorded once, when first packed (their freed address may be reused later).
             ptr = storage.data_ptr()
@@ -241,6 +264,14 @@ class ActivationCompressor:
         bits = self._bits_stack[-1] if self._bits_stack else self.bits
         if reason is None and bits is None:
             reason = "exact"
+        if reason == "int" and t.dtype == torch.int64 and t.numel() >= self.min_numel and bits is not None:
+            narrow = _narrow(t)
+            if narrow is not None:
+                if self.records is not None:
+                    self._record(t, narrow.untyped_storage().nbytes(), f"int64->{str(narrow.dtype)[6:]}")
+                if self._outer is not None:
+                    self._outer(narrow)
+                return _Narrowed(narrow)
         if reason is not None:
             if self.records is not None and reason != "param":
                 self._record(t, t.untyped_storage().nbytes(), reason)

@@ -1,0 +1,72 @@
+"""Bytes saved for backward by one training step, exact and under an ``--activations`` mode."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradkit.compress._hooks import SavedRecord
+from gradkit.compress._modes import Activations
+
+__all__ = ["ActivationMemory", "measure_activations"]
+
+
+@dataclass(frozen=True)
+class ActivationMemory:
+    """Activation memory of one forward+backward, with and without compression."""
+
+    mode: str
+    exact_bytes: int
+    """Saved for backward by exact training (parameters excluded, each storage once)."""
+    stored_bytes: int
+    """Saved for backward under ``mode``: packed codes and ranges plus what it keeps exact."""
+    records: list[SavedRecord] = field(default_factory=list, repr=False)
+    """The saved tensors under ``mode``, in the order they were saved."""
+
+    @property
+    def ratio(self) -> float:
+        return self.exact_bytes / self.stored_bytes if self.stored_bytes else float("inf")
+
+    def to_dict(self) -> dict[str, object]:
+        return {"mode": self.mode, "exact_bytes": self.exact_bytes, "stored_bytes": self.stored_bytes,
+                "ratio": round(self.ratio, 3)}
+
+
+def _saved(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str,
+           loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+           options: dict[str, object]) -> list[SavedRecord]:
+    act = Activations(model, mode, **options)
+    model.train()
+    try:
+        with act, act.recording() as records:
+            loss = loss_fn(model(x), y)
+        loss.backward()  # proves the stored copies decode; also frees them
+    finally:
+        act.close()
+    return records
+
+
+def measure_activations(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    mode: str,
+    *,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    **options: object,
+) -> ActivationMemory:
+    """Measure one training step of a copy of ``model`` exactly and under ``mode``.
+
+    Both are counted by the same hooks, so the ratio compares like with like: parameters and buffers
+    are excluded, a storage saved by several operations counts once, and the input batch (kept: the
+    caller holds it) counts in both.
+    """
+    exact = _saved(copy.deepcopy(model), x, y, "exact", loss_fn, {})
+    records = exact if mode == "exact" else _saved(copy.deepcopy(model), x, y, mode, loss_fn, options)
+    return ActivationMemory(mode, sum(r.exact_bytes for r in exact), sum(r.stored_bytes for r in records),
+                            records)
