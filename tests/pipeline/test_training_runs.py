@@ -120,3 +120,16 @@ def test_compare_gives_each_method_its_own_stage_count(capsys: pytest.CaptureFix
     assert json.loads((tmp_path / "cmp" / "bp" / "config.json").read_text())["stages"] == 1
     assert "fr:3" in out and "ddg:2" in out
     assert main(["compare", "--methods", "fr:0", "--model", "mlp", "--data", "digits", "--out", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.parametrize("method", ["fr", "ddg", "dni"])
+def test_three_stage_mlp_on_digits(method: str, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """The issue's acceptance run: fr reaches 0.93 in 10 epochs; ddg and dni finish with finite losses."""
+    epochs = 10 if method == "fr" else 3
+    code = main(["train", "--method", method, "--stages", "3", "--model", "mlp", "--data", "digits",
+                 "--epochs", str(epochs), "--no-progress", "--out", str(tmp_path / method)])
+    assert code == 0
+    history = records(tmp_path / method)
+    assert len(history) == epochs and all(r["train_loss"] == r["train_loss"] < 10 for r in history)
+    if method == "fr":
+        assert history[-1]["test_acc"] >= 0.93
