@@ -13,6 +13,8 @@ and ``../shared/datasets`` next to the repository; see :func:`search_roots` and
 :func:`describe_datasets`. ``download=True`` fetches the official files (SHA-256 verified).
 """
 
+# Importing these registers their datasets.
+from gradkit.data import ag_news, graphs  # noqa: E402, F401, I001
 from gradkit.data._augment import normalize, random_crop_flip
 from gradkit.data._download import download, fetch
 from gradkit.data._loader import BatchLoader
@@ -20,9 +22,6 @@ from gradkit.data._locate import search_roots
 from gradkit.data._registry import DATASETS, describe_datasets, load_dataset
 from gradkit.data._subset import stratified_subset
 from gradkit.data._types import Dataset, DatasetInfo, DatasetStatus
-
-# Importing these registers their datasets.
-from gradkit.data import ag_news, graphs  # noqa: E402, F401, I001
 
 __all__ = [
     "DATASETS",
