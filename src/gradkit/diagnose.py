@@ -64,7 +64,7 @@ def diagnose(config: TrainConfig, *, dataset: Dataset | None = None, repeats: in
     for r in range(repeats):
         torch.manual_seed(config.seed + r)
         method.estimate(x, y)  # type: ignore[attr-defined]
-        estimate = [[p.grad.detach().clone() for _, p in layer.params()] for layer in layers]
+        estimate = [[_grad(p) for _, p in layer.params()] for layer in layers]
         truth = _true_grads(method, layers, x, y)
         for i, (est, tru) in enumerate(zip(estimate, truth, strict=True)):
             e, t = torch.cat([g.flatten() for g in est]), torch.cat([g.flatten() for g in tru])
@@ -96,7 +96,11 @@ def _true_grads(method: Any, layers: list, x: torch.Tensor, y: torch.Tensor) -> 
             s.zero_grad(set_to_none=True)
         with torch.enable_grad():
             method.loss_fn(method.forward(x), y).backward()
-        return [[p.grad.detach().clone() for _, p in layer.params()] for layer in layers]
+        return [[_grad(p) for _, p in layer.params()] for layer in layers]
     finally:
         for m, training in modes:
             m.training = training
+
+
+def _grad(p: torch.Tensor) -> torch.Tensor:
+    return p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from gradkit.errors import ConfigError
-from gradkit.lr.layers import Grads, LRLayer, find_layers, flat_blocks, local_grads
+from gradkit.lr.layers import LRLayer, find_layers, flat_blocks, local_grads
 from gradkit.lr.noise import SAMPLERS, draw_noise
 
 __all__ = ["LRConfig", "LREstimator", "per_sample_loss", "BASELINES", "INJECTIONS"]

@@ -74,9 +74,9 @@ class HybridEstimator:
         with torch.no_grad():
             hs = self._forward(x)
             loss = per_sample_loss(self.loss_fn, hs[-1], y).mean().item()
-        modes = [(m, m.training) for s in self.stages for m in s.modules()]
-        for s in self.stages:
-            s.eval()
+        modes = [(m, m.training) for stage in self.stages for m in stage.modules()]
+        for stage in self.stages:
+            stage.eval()
         try:
             with torch.no_grad():
                 if self.has_eval_modules:

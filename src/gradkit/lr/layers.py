@@ -23,6 +23,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
+from torch.nn.grad import conv2d_weight
 
 __all__ = ["LRLayer", "StepNoiseLayer", "find_layers", "local_grads", "flat_blocks"]
 
@@ -103,7 +104,7 @@ def find_layers(stages: Sequence[nn.Module]) -> list[LRLayer]:
             full = f"{bname}.{mname}" if mname else bname
             if isinstance(module, StepNoiseLayer):
                 skip_under.append(mname)
-                owned = [p for p in module.parameters() if p.requires_grad]
+                owned = [p for p in block.get_submodule(mname).parameters() if p.requires_grad]
             else:
                 owned = [p for p in module.parameters(recurse=False) if p.requires_grad]
             owned = [p for p in owned if id(p) not in seen]
@@ -138,7 +139,7 @@ def _conv2d(m: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> Grads:
     # conv2d_weight contracts with dilation=stride internally; a hand-rolled conv with stride=stride
     # instead is wrong for stride 2 (a bug seen in public ULR code).
     out = {
-        "weight": torch.nn.grad.conv2d_weight(
+        "weight": conv2d_weight(
             x, m.weight.shape, g, stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups
         )
     }

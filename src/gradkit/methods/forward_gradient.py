@@ -75,7 +75,7 @@ class ForwardGradient(Method):
         with eval_mode_after_clean_pass(self, x, y) as loss:
             for _ in range(self.directions):
                 tangents = tuple(torch.randn_like(p) for p in primals)
-                _, slope = jvp(loss_of, primals, tangents)
+                slope = jvp(loss_of, primals, tangents)[1]
                 for g, v in zip(grads, tangents, strict=True):
                     g.add_(v, alpha=float(slope) / self.directions)
         for p, g in zip(self._params, grads, strict=True):

@@ -154,7 +154,7 @@ class EvolutionStrategies(_Perturbation):
             for g, t, d in zip(grads, two_point, z, strict=True):
                 g.add_(d, alpha=coef)
                 t.add_(d, alpha=spsa)
-        norm = torch.sqrt(sum((g * g).sum() for g in grads))
-        target = torch.sqrt(sum((t * t).sum() for t in two_point))
+        norm = torch.stack([(g * g).sum() for g in grads]).sum().sqrt()
+        target = torch.stack([(t * t).sum() for t in two_point]).sum().sqrt()
         factor = float(target / norm) if float(norm) > 0 else 0.0
         return [g.mul_(factor) for g in grads]

@@ -69,6 +69,9 @@ class GraphInput(nn.Module):
     hidden state per copy; rows ``c*B + n`` of the (copy-stacked) batch read copy ``c``.
     """
 
+    adj: torch.Tensor
+    ax: torch.Tensor
+
     def __init__(self, graph: Graph, hidden: int) -> None:
         super().__init__()
         adj = normalized_adjacency(graph.num_nodes, graph.edges)
