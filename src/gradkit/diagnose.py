@@ -51,7 +51,9 @@ def diagnose(config: TrainConfig, *, dataset: Dataset | None = None, repeats: in
     x, y = next(iter(loader.epoch(0)))
     torch.manual_seed(config.seed)
     model = build_model(config.model, dataset.info.input_shape, dataset.info.num_classes, **dataset.model_args)
-    stages = split(model, config.stages, balance="count") if config.stages > 1 else [model]
+    # The loop's split, except that "time" (profiled, machine-dependent) falls back to "params".
+    balance = "params" if config.balance == "time" else config.balance
+    stages = split(model, config.stages, balance=balance) if config.stages > 1 else [model]
     method = _methods.build(config.method, stages, optimizer=config.optimizer_config().factory(),
                             **config.method_options)
     if not hasattr(method, "estimate"):
