@@ -29,6 +29,11 @@ from gradkit.compress import _quant
 __all__ = ["ActivationCompressor", "SavedRecord"]
 
 
+# Gradient functions of casts and views: a chain of these ending at a parameter is a copy of it.
+_PARAM_PATH = frozenset({"ToCopyBackward0", "TBackward0", "TransposeBackward0", "PermuteBackward0",
+                         "ViewBackward0", "UnsafeViewBackward0", "ExpandBackward0"})
+
+
 @dataclass(frozen=True)
 class SavedRecord:
     """One distinct tensor saved for backward while recording."""
@@ -251,13 +256,21 @@ class ActivationCompressor:
         if fn is None:
             # A leaf (the input batch, a detached stage boundary): whoever made it still holds it.
             return "leaf"
-        if type(fn).__name__ == "ToCopyBackward0":
-            # Autocast's cast copy of a parameter: recomputed cheaply, and not an activation.
-            source = fn.next_functions[0][0] if fn.next_functions else None
-            variable = getattr(source, "variable", None)
-            if variable is not None and variable.untyped_storage().data_ptr() in self._step_excluded:
-                return "param"
+        if type(fn).__name__ in _PARAM_PATH and self._is_param_copy(fn):
+            return "param"
         return None
+
+    def _is_param_copy(self, fn: Any) -> bool:
+        """Whether ``fn`` only casts/reshapes a parameter (autocast's bf16 copy of a weight, or its
+        transpose): compressing that would free nothing the step needs, and it is not an activation."""
+        for _ in range(4):
+            if type(fn).__name__ not in _PARAM_PATH or len(fn.next_functions) != 1:
+                return False
+            fn = fn.next_functions[0][0]
+            variable = getattr(fn, "variable", None)
+            if variable is not None:
+                return variable.untyped_storage().data_ptr() in self._step_excluded
+        return False
 
     def _pack(self, t: torch.Tensor) -> Any:
         reason = self._keep_reason(t)
