@@ -133,3 +133,13 @@ def test_three_stage_mlp_on_digits(method: str, capsys: pytest.CaptureFixture[st
     assert len(history) == epochs and all(r["train_loss"] == r["train_loss"] < 10 for r in history)
     if method == "fr":
         assert history[-1]["test_acc"] >= 0.93
+
+
+def test_compare_reports_a_diverged_method_and_goes_on(tmp_path: Path, blobs: Dataset) -> None:
+    from gradkit.compare import compare, format_comparison
+
+    base = config(None, lr=1e6, weight_decay=0.0, epochs=2)
+    rows, _ = compare(base, ["fr:2", "bp"], out=tmp_path / "cmp", dataset=blobs, plot=False)
+    assert [r.method for r in rows] == ["fr:2", "bp"]
+    assert all(r.status.startswith("diverged at epoch 1") for r in rows)
+    assert "diverged at epoch 1" in format_comparison(rows)
