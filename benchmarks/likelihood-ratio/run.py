@@ -1,0 +1,177 @@
+"""ULR (likelihood-ratio gradients) side by side with backprop and the perturbation peers.
+
+Each row trains one (method, model, data) with ``gradkit.train`` and records test accuracy at equal
+epochs, wall time, and forward passes per step (in units of one forward of the batch through the whole
+model; a noisy copy that re-runs only the blocks after its layer counts that fraction). Groups:
+
+* ``fmnist-mlp``: Fashion-MNIST MLP, 5 epochs: bp, ulr, hybrid ulr --stages 2, and spsa / forward-grad /
+  es given the same forward passes per step as ulr (the acceptance criteria of issue #6);
+* ``cosine``: per-layer cosine to backprop on one batch (``gradkit diagnose``) for the default and ablations;
+* ``robust``: FGSM / PGD / Gaussian accuracy of the fmnist-mlp bp and ulr runs;
+* ``profiles``: short runs: Fashion-MNIST CNN and SNN, AG News RNN/GRU/LSTM, GCN on karate.
+
+    python benchmarks/likelihood-ratio/run.py                      # everything (about an hour on 2 cores)
+    python benchmarks/likelihood-ratio/run.py --only cosine robust
+
+Results are appended to ``results.jsonl`` beside this file (one JSON object per row, with the machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import gradkit
+from gradkit.config import TrainConfig
+from gradkit.data import BatchLoader, load_dataset
+from gradkit.diagnose import diagnose
+from gradkit.envinfo import collect
+from gradkit.models import build_model
+from gradkit.robustness import attacked_accuracy
+
+HERE = Path(__file__).resolve().parent
+RUNS = Path("runs/bench-lr")
+# One thread: on a shared 2-core machine, two threads spin-wait on each other (see the README).
+THREADS = 1
+
+
+def machine() -> str:
+    env = collect()
+    return f"{env.get('cpu', '?')} ({env.get('cpu_count')} cores), {THREADS} torch thread, torch {torch.__version__}"
+
+
+def record(row: dict[str, Any], out: Path) -> None:
+    row = {**row, "machine": machine(), "time": time.strftime("%Y-%m-%d %H:%M")}
+    with out.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
+
+
+def train_row(name: str, out: Path, **fields: Any) -> dict[str, Any]:
+    config = TrainConfig(out=str(RUNS / name), progress=False, threads=THREADS, **fields)
+    if (RUNS / name / "model.pt").exists():
+        import shutil
+
+        shutil.rmtree(RUNS / name)
+    start = time.perf_counter()
+    result = gradkit.train(config)
+    wall = time.perf_counter() - start
+    method = result.method
+    passes = getattr(getattr(method, "estimator", method), "forward_passes", None)
+    row = {
+        "group": fields.get("data"), "name": name, "method": config.method, "model": config.model,
+        "data": config.data, "stages": config.stages, "options": config.method_options,
+        "epochs": config.epochs, "limit_train": config.limit_train,
+        "test_acc": result.final["test_acc"], "per_epoch_acc": [h["test_acc"] for h in result.history],
+        "train_seconds": result.final["elapsed_seconds"], "wall_seconds": wall,
+        "forward_passes_per_step": passes,
+    }
+    record(row, out)
+    return row
+
+
+def fmnist_mlp(out: Path, epochs: int) -> None:
+    base = dict(model="mlp", data="fashion-mnist", epochs=epochs)
+    train_row("mlp-bp", out, method="bp", **base)
+    ulr = train_row("mlp-ulr", out, method="ulr", **base)
+    train_row("mlp-ulr-k2", out, method="ulr", stages=2, **base)
+    passes = ulr["forward_passes_per_step"] or 100.0
+    # Equal forward passes per step: spsa/es use two per direction, forward-grad one JVP per direction
+    # (a JVP costs more than a forward; counting it as one favours forward-grad).
+    train_row("mlp-spsa", out, method="spsa", method_options={"directions": max(1, round(passes / 2))}, **base)
+    train_row("mlp-forward-grad", out, method="forward-grad",
+              method_options={"directions": max(1, round(passes))}, **base)
+    train_row("mlp-es", out, method="es", method_options={"directions": max(1, round(passes / 2))}, **base)
+
+
+def cosine(out: Path) -> None:
+    torch.set_num_threads(THREADS)
+    variants: list[tuple[str, dict[str, Any], int]] = [
+        ("default", {}, 1),
+        ("copies=16", {"copies": 16}, 1),
+        ("copies=256", {"copies": 256}, 1),
+        ("baseline=none", {"baseline": "none"}, 1),
+        ("baseline=antithetic", {"baseline": "antithetic"}, 1),
+        ("layerwise=false", {"layerwise": False}, 1),
+        ("sampler=qmc", {"sampler": "qmc"}, 1),
+        ("inject=weight", {"inject": "weight"}, 1),
+        ("hybrid K=2", {}, 2),
+        ("hybrid K=2 copies=64", {"copies": 64}, 2),
+    ]
+    for label, options, stages in variants:
+        config = TrainConfig(method="ulr", model="mlp", data="fashion-mnist", method_options=options, stages=stages)
+        result = diagnose(config, repeats=3)
+        record({"group": "cosine", "name": f"mlp {label}", "model": "mlp", "options": options, "stages": stages,
+                "forward_passes_per_step": result["forward_passes"],
+                "cosines": {r["name"]: round(r["cosine"], 3) for r in result["layers"]}}, out)
+    for method, options in (("spsa", {"directions": 49}), ("forward-grad", {"directions": 99})):
+        config = TrainConfig(method=method, model="mlp", data="fashion-mnist", method_options=options)
+        result = diagnose(config, repeats=3)
+        record({"group": "cosine", "name": f"mlp {method}", "model": "mlp", "options": options,
+                "cosines": {r["name"]: round(r["cosine"], 3) for r in result["layers"]}}, out)
+    config = TrainConfig(method="ulr", model="cnn", data="fashion-mnist")
+    result = diagnose(config, repeats=1)
+    record({"group": "cosine", "name": "cnn default", "model": "cnn", "options": {},
+            "forward_passes_per_step": result["forward_passes"],
+            "cosines": {r["name"]: round(r["cosine"], 3) for r in result["layers"]}}, out)
+
+
+def robust(out: Path) -> None:
+    torch.set_num_threads(THREADS)
+    ds = load_dataset("fashion-mnist", limit_test=2000)
+    loader = BatchLoader(ds.test_x, ds.test_y, ds.info, 500, train=False)
+    for name in ("mlp-bp", "mlp-ulr"):
+        weights = RUNS / name / "model.pt"
+        if not weights.exists():
+            print(f"skip robustness of {name}: run the fmnist-mlp group first", file=sys.stderr)
+            continue
+        model = build_model("mlp", ds.info.input_shape, ds.info.num_classes)
+        model.load_state_dict(torch.load(weights, weights_only=True))
+        for attack, eps in (("fgsm", 0.02), ("fgsm", 0.05), ("pgd", 0.02), ("gaussian", 0.1)):
+            torch.manual_seed(0)
+            clean, attacked = attacked_accuracy(model, loader, attack, eps)
+            record({"group": "robust", "name": name, "attack": attack, "eps": eps, "clean_acc": clean,
+                    "attacked_acc": attacked}, out)
+
+
+def profiles(out: Path) -> None:
+    fm = dict(data="fashion-mnist", limit_train=12000, epochs=2)
+    train_row("cnn-bp", out, method="bp", model="cnn", **fm)
+    train_row("cnn-ulr", out, method="ulr", model="cnn", method_options={"copies": 16}, **fm)
+    train_row("cnn-ulr-k2", out, method="ulr", model="cnn", stages=2, **fm)
+    train_row("snn-bp", out, method="bp", model="snn", **fm)
+    train_row("snn-ulr", out, method="ulr", model="snn", method_options={"copies": 32, "sigma": 0.05}, **fm)
+    for model in ("rnn", "gru", "lstm"):
+        text = dict(model=model, data="ag-news", epochs=5, optimizer="adam")
+        train_row(f"{model}-bp", out, method="bp", **text)
+        train_row(f"{model}-ulr", out, method="ulr", method_options={"copies": 32}, **text)
+    graph = dict(model="gcn", data="karate", epochs=100, optimizer="adam", lr=0.01)
+    train_row("gcn-bp", out, method="bp", **graph)
+    train_row("gcn-ulr", out, method="ulr", **graph)
+
+
+GROUPS = {"fmnist-mlp": None, "cosine": cosine, "robust": robust, "profiles": profiles}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=list(GROUPS), help="groups to run (default: all)")
+    parser.add_argument("--epochs", type=int, default=5, help="epochs of the fmnist-mlp group (default: 5)")
+    parser.add_argument("--out", type=Path, default=HERE / "results.jsonl")
+    args = parser.parse_args()
+    for group in args.only or list(GROUPS):
+        if group == "fmnist-mlp":
+            fmnist_mlp(args.out, args.epochs)
+        else:
+            GROUPS[group](args.out)  # type: ignore[misc]
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
