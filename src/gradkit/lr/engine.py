@@ -132,6 +132,7 @@ class _Pass:
     layer_inputs: dict[int, torch.Tensor]
     loss: torch.Tensor
     block_numel: list[int] = field(default_factory=list)
+    layer_outputs: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class LREstimator:
@@ -206,11 +207,13 @@ class LREstimator:
     # -- passes ---------------------------------------------------------------------------------
     def _clean_pass(self, x: torch.Tensor, y: torch.Tensor, *, capture: bool) -> _Pass:
         inputs: dict[int, torch.Tensor] = {}
+        outputs: dict[int, torch.Tensor] = {}
         handles: list[RemovableHandle] = []
         if capture:
             for i, layer in enumerate(self.layers):
                 if not layer.stepwise:
                     handles.append(layer.module.register_forward_pre_hook(_capture(inputs, i)))
+                    handles.append(layer.module.register_forward_hook(_capture_output(outputs, i)))
         block_inputs, numel = [], []
         try:
             h = x
@@ -221,7 +224,7 @@ class LREstimator:
         finally:
             for handle in handles:
                 handle.remove()
-        return _Pass(block_inputs, inputs, per_sample_loss(self.loss_fn, h, y), numel)
+        return _Pass(block_inputs, inputs, per_sample_loss(self.loss_fn, h, y), numel, outputs)
 
     def _chunk(self, start_block: int, ref: _Pass, copies: int) -> int:
         """Copies per chunk so that one chunk's activations (about 4x the block outputs, plus what
@@ -252,12 +255,13 @@ class LREstimator:
             if cfg.baseline == "antithetic" and c % 2:
                 c += 1
             records: dict[int, _Record] = {i: _Record() for i in idx}
-            with self._inject(idx, records, c, batch):
+            with self._inject(idx, records, c, batch, ref):
                 h = repeat_copies(ref.block_inputs[start], c)
                 for block in self.blocks[start:]:
                     h = block(h)
                 losses = per_sample_loss(self.loss_fn, h, repeat_copies(y, c))
-            self.forward_passes += c * sum(ref.block_numel[start:]) / max(sum(ref.block_numel), 1)
+            # Counted as full forwards, although a copy re-runs only what follows its layer.
+            self.forward_passes += c
             w = losses.view(c, batch)
             if cfg.baseline == "clean":
                 w = w - ref.loss.view(1, batch)
@@ -268,11 +272,19 @@ class LREstimator:
             self._finish(i, acc[i], copies, batch, ref, grads)
 
     @contextmanager
-    def _inject(self, idx: list[int], records: dict[int, _Record], copies: int, batch: int):  # noqa: ANN202
+    def _inject(self, idx: list[int], records: dict[int, _Record], copies: int, batch: int, ref: _Pass):  # noqa: ANN202
         cfg = self.config
         handles: list[RemovableHandle] = []
         stepwise = []
+        reused: list[nn.Module] = []
         try:
+            if cfg.inject == "logit" and len(idx) == 1 and idx[0] in ref.layer_outputs:
+                # Layer-wise: the layer's output before noise is the same for every copy, so skip its
+                # computation and stack the clean output (the copies' cost is then only what follows).
+                layer, out = self.layers[idx[0]], ref.layer_outputs[idx[0]]
+                stacked = out if layer.shared else repeat_copies(out, copies)
+                layer.module.forward = lambda *args, **kwargs: stacked  # type: ignore[method-assign]
+                reused.append(layer.module)
             for i in idx:
                 layer, rec = self.layers[i], records[i]
                 if cfg.inject == "weight":
@@ -290,6 +302,8 @@ class LREstimator:
                 handle.remove()
             for mod in stepwise:
                 mod.lr_noise = None
+            for module in reused:
+                del module.forward
 
     # -- estimates ------------------------------------------------------------------------------
     def _accumulate(self, i: int, acc: _Accum, rec: _Record, w: torch.Tensor, ref: _Pass) -> None:
@@ -398,6 +412,14 @@ class _Accum:
     def add(self, name: str, t: torch.Tensor, *, prescaled: bool = False) -> None:
         target = self.prescaled if prescaled else self.sums
         target[name] = t if name not in target else target[name] + t
+
+
+def _capture_output(store: dict[int, torch.Tensor], i: int):  # noqa: ANN202
+    def hook(module: nn.Module, inputs: tuple[Any, ...], out: Any) -> None:
+        if isinstance(out, torch.Tensor):
+            store[i] = out.detach()
+
+    return hook
 
 
 def _capture(store: dict[int, torch.Tensor], i: int):  # noqa: ANN202

@@ -82,7 +82,8 @@ class HybridEstimator:
                 if self.has_eval_modules:
                     hs = self._forward(x)
                 ref = per_sample_loss(self.loss_fn, hs[-1], y)
-            self.forward_passes = 2.0 if self.has_eval_modules else 1.0
+            # Clean pass(es), plus the stages' own forwards for their local backprop.
+            self.forward_passes = (2.0 if self.has_eval_modules else 1.0) + 1.0
             for s in range(len(self.stages)):
                 g = self.boundary_grad(s, hs, y, ref) if s < len(self.copies) else None
                 self.stage_backward(s, hs[s], y, g)
@@ -114,9 +115,8 @@ class HybridEstimator:
                 if self.baseline == "clean":
                     w = w - ref.view(1, batch)
                 g += (w.view(c, batch, *([1] * (eps.dim() - 2))) * eps).sum(0)
-                self.forward_passes += c * sum(t.numel() for t in hs[s + 2 :]) / max(
-                    sum(t.numel() for t in hs[1:]), 1
-                )
+                # Counted as full forwards, although a copy re-runs only the later stages.
+                self.forward_passes += c
                 done += c
         return g / (copies * batch * sigma)
 
