@@ -152,14 +152,14 @@ def robust(out: Path) -> None:
 
 
 def profiles(out: Path) -> None:
-    fm = dict(data="fashion-mnist", limit_train=12000, epochs=2)
+    fm = dict(data="fashion-mnist", limit_train=6000, limit_test=2000, epochs=1)
     train_row("cnn-bp", out, method="bp", model="cnn", **fm)
     train_row("cnn-ulr", out, method="ulr", model="cnn", method_options={"copies": 16}, **fm)
     train_row("cnn-ulr-k2", out, method="ulr", model="cnn", stages=2, **fm)
     train_row("snn-bp", out, method="bp", model="snn", **fm)
     train_row("snn-ulr", out, method="ulr", model="snn", method_options={"copies": 32, "sigma": 0.05}, **fm)
     for model in ("rnn", "gru", "lstm"):
-        text = dict(model=model, data="ag-news", epochs=5, optimizer="adam")
+        text = dict(model=model, data="ag-news", epochs=3, optimizer="adam")
         train_row(f"{model}-bp", out, method="bp", **text)
         train_row(f"{model}-ulr", out, method="ulr", method_options={"copies": 32}, **text)
     graph = dict(model="gcn", data="karate", epochs=100, optimizer="adam", lr=0.01)
