@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -156,3 +158,53 @@ def test_bad_options_are_one_line_config_errors(options: dict, message: str) -> 
     model = nn.Sequential(nn.Sequential(nn.Linear(6, 8), nn.ReLU()), nn.Sequential(nn.Linear(8, 3)))
     with pytest.raises(ConfigError, match=message):
         LREstimator([model], F.cross_entropy, LRConfig(**options))
+
+
+def test_adaptive_sigma_moves_sigma_and_resumes_exactly() -> None:
+    from gradkit.methods import build
+
+    def fresh() -> nn.Sequential:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Sequential(nn.Linear(6, 8), nn.ReLU()), nn.Sequential(nn.Linear(8, 3)))
+
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    a = build("ulr", [fresh()], copies=8, sigma=0.05, adaptive_sigma=True, sigma_lr=0.1)
+    torch.manual_seed(1)
+    for _ in range(3):
+        a.step(x, y)
+    sigmas = a.estimator.sigmas()  # type: ignore[union-attr]
+    assert all(s != 0.05 for s in sigmas.values())
+    assert all(0.05 / 100 <= s <= 0.05 * 10 for s in sigmas.values())
+    b = build("ulr", [fresh()], copies=8, sigma=0.05, adaptive_sigma=True, sigma_lr=0.1)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))  # as through a checkpoint file
+    assert b.estimator.sigmas() == sigmas  # type: ignore[union-attr]
+    torch.manual_seed(2)
+    la = a.step(x, y)
+    torch.manual_seed(2)
+    assert b.step(x, y) == la
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_reusing_the_clean_output_does_not_change_the_estimate() -> None:
+    """Layer-wise copies skip their layer's computation; all-at-once passes recompute it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8)), nn.Sequential(nn.Linear(8, 3)))
+    x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
+    est = LREstimator([model], F.cross_entropy, LRConfig(copies=4))
+    torch.manual_seed(3)
+    est.estimate(x, y)
+    reused = [p.grad.clone() for p in model.parameters()]
+    # The same noise with the layer recomputed: pretend no clean output was captured.
+    original = est._clean_pass
+
+    def without_outputs(*args: object, **kwargs: object):  # noqa: ANN202
+        result = original(*args, **kwargs)  # type: ignore[arg-type]
+        result.layer_outputs.clear()
+        return result
+
+    est._clean_pass = without_outputs  # type: ignore[method-assign]
+    torch.manual_seed(3)
+    est.estimate(x, y)
+    for a, b in zip(reused, [p.grad for p in model.parameters()], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
