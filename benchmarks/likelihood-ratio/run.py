@@ -4,8 +4,9 @@ Each row trains one (method, model, data) with ``gradkit.train`` and records tes
 epochs, wall time, and forward passes per step (in units of one forward of the batch through the whole
 model; a noisy copy that re-runs only the blocks after its layer counts that fraction). Groups:
 
-* ``fmnist-mlp``: Fashion-MNIST MLP, 5 epochs: bp, ulr, hybrid ulr --stages 2, and spsa / forward-grad /
-  es given the same forward passes per step as ulr (the acceptance criteria of issue #6);
+* ``fmnist-mlp``: Fashion-MNIST MLP, 5 epochs: bp, ulr, hybrid ulr --stages 2 (acceptance criteria 1);
+* ``peers``: ulr vs spsa / forward-grad / es given the same forward passes per step as ulr, one epoch
+  on 10,000 images (criterion 3);
 * ``cosine``: per-layer cosine to backprop on one batch (``gradkit diagnose``) for the default and ablations;
 * ``robust``: FGSM / PGD / Gaussian accuracy of the fmnist-mlp bp and ulr runs;
 * ``profiles``: short runs: Fashion-MNIST CNN and SNN, AG News RNN/GRU/LSTM, GCN on karate.
@@ -92,13 +93,20 @@ def fmnist_mlp(out: Path, epochs: int, skip: set[str]) -> None:
                          ("mlp-ulr-k2", {"method": "ulr", "stages": 2})):
         if name not in skip:
             train_row(name, out, **fields, **base)
+
+
+def peers(out: Path, epochs: int, limit_train: int) -> None:
+    """ulr against spsa / forward-grad / es at the same forward passes per step (a shorter run: the
+    peers' cost per step equals ulr's)."""
+    base = dict(model="mlp", data="fashion-mnist", epochs=epochs, limit_train=limit_train)
+    train_row("peers-ulr", out, method="ulr", **base)
     passes = ulr_forward_passes("mlp", "fashion-mnist")
     # Equal forward passes per step: spsa/es use two per direction, forward-grad one JVP per direction
     # (a JVP costs more than a forward; counting it as one favours forward-grad).
-    train_row("mlp-spsa", out, method="spsa", method_options={"directions": max(1, round(passes / 2))}, **base)
-    train_row("mlp-forward-grad", out, method="forward-grad",
+    train_row("peers-spsa", out, method="spsa", method_options={"directions": max(1, round(passes / 2))}, **base)
+    train_row("peers-forward-grad", out, method="forward-grad",
               method_options={"directions": max(1, round(passes))}, **base)
-    train_row("mlp-es", out, method="es", method_options={"directions": max(1, round(passes / 2))}, **base)
+    train_row("peers-es", out, method="es", method_options={"directions": max(1, round(passes / 2))}, **base)
 
 
 def cosine(out: Path) -> None:
@@ -167,7 +175,7 @@ def profiles(out: Path) -> None:
     train_row("gcn-ulr", out, method="ulr", **graph)
 
 
-GROUPS = {"fmnist-mlp": None, "cosine": cosine, "robust": robust, "profiles": profiles}
+GROUPS = {"fmnist-mlp": None, "peers": None, "cosine": cosine, "robust": robust, "profiles": profiles}
 
 
 def main() -> int:
@@ -180,6 +188,8 @@ def main() -> int:
     for group in args.only or list(GROUPS):
         if group == "fmnist-mlp":
             fmnist_mlp(args.out, args.epochs, set(args.skip))
+        elif group == "peers":
+            peers(args.out, epochs=1, limit_train=10000)
         else:
             GROUPS[group](args.out)  # type: ignore[misc]
     return 0
