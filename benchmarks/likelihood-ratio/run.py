@@ -33,6 +33,7 @@ from gradkit.config import TrainConfig
 from gradkit.data import BatchLoader, load_dataset
 from gradkit.diagnose import diagnose
 from gradkit.envinfo import collect
+from gradkit.errors import TrainingDiverged
 from gradkit.models import build_model
 from gradkit.robustness import attacked_accuracy
 
@@ -61,13 +62,19 @@ def train_row(name: str, out: Path, **fields: Any) -> dict[str, Any]:
 
         shutil.rmtree(RUNS / name)
     start = time.perf_counter()
-    result = gradkit.train(config)
+    try:
+        result = gradkit.train(config)
+    except TrainingDiverged as exc:
+        row = {"group": fields.get("data"), "name": name, "method": config.method, "model": config.model,
+               "options": config.method_options, "lr": config.effective_lr, "diverged": str(exc)}
+        record(row, out)
+        return row
     wall = time.perf_counter() - start
     method = result.method
     passes = getattr(getattr(method, "estimator", method), "forward_passes", None)
     row = {
         "group": fields.get("data"), "name": name, "method": config.method, "model": config.model,
-        "data": config.data, "stages": config.stages, "options": config.method_options,
+        "data": config.data, "stages": config.stages, "options": config.method_options, "lr": config.effective_lr,
         "epochs": config.epochs, "limit_train": config.limit_train,
         "test_acc": result.final["test_acc"], "per_epoch_acc": [h["test_acc"] for h in result.history],
         "train_seconds": result.final["elapsed_seconds"], "wall_seconds": wall,
@@ -103,10 +110,14 @@ def peers(out: Path, epochs: int, limit_train: int) -> None:
     passes = ulr_forward_passes("mlp", "fashion-mnist")
     # Equal forward passes per step: spsa/es use two per direction, forward-grad one JVP per direction
     # (a JVP costs more than a forward; counting it as one favours forward-grad).
-    train_row("peers-spsa", out, method="spsa", method_options={"directions": max(1, round(passes / 2))}, **base)
-    train_row("peers-forward-grad", out, method="forward-grad",
-              method_options={"directions": max(1, round(passes))}, **base)
-    train_row("peers-es", out, method="es", method_options={"directions": max(1, round(passes / 2))}, **base)
+    # Their estimates are far noisier (hence larger), so each peer gets the best of three learning rates.
+    for lr in (0.05, 0.005, 0.0005):
+        train_row(f"peers-spsa-lr{lr}", out, method="spsa", lr=lr,
+                  method_options={"directions": max(1, round(passes / 2))}, **base)
+        train_row(f"peers-forward-grad-lr{lr}", out, method="forward-grad", lr=lr,
+                  method_options={"directions": max(1, round(passes))}, **base)
+        train_row(f"peers-es-lr{lr}", out, method="es", lr=lr,
+                  method_options={"directions": max(1, round(passes / 2))}, **base)
 
 
 def cosine(out: Path) -> None:
