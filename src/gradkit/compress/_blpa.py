@@ -60,6 +60,17 @@ def _batch_stats(x: torch.Tensor, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, tor
     return mean, var
 
 
+# Elements per block of the elementwise passes (256 KiB of float32: stays in a core's cache).
+_BLOCK_ELEMENTS = 65536
+
+
+def _blocks(x: torch.Tensor) -> list[slice]:
+    """Slices of whole samples along dim 0, about ``_BLOCK_ELEMENTS`` elements each."""
+    per_sample = max(1, x[0].numel()) if x.shape[0] else 1
+    n = max(1, _BLOCK_ELEMENTS // per_sample)
+    return [slice(i, i + n) for i in range(0, x.shape[0], n)]
+
+
 def _outside(c_t: torch.Tensor, levels: int) -> bool:
     return bool(((c_t < 1) | (c_t > levels)).any())
 
@@ -116,17 +127,24 @@ class _BNReLUConv(torch.autograd.Function):
         shape = (1, -1, 1, 1)
         a_v = (sign * invstd / s).view(shape)
         b_v = ((-sign * mean * invstd - t) / s).view(shape)
-        v = torch.addcmul(b_v, x, a_v)
         # ReLU input |γ|·s·v (β itself for a zero-γ channel): its sign is v's sign, bit for bit.
         scale_y = (absg * s).view(shape)
         shift_y = torch.where(zero, beta, torch.zeros_like(beta)).view(shape)
-        y = torch.addcmul(shift_y, v, scale_y).clamp_min_(0)
+        offset = (c_t - 1).view(shape)
+        outside = _outside(c_t, levels)
+        y = torch.empty_like(x)
+        codes = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+        # Cache blocking over samples: v lives only per block, y and the codes are written once.
+        for sl in _blocks(x):
+            v = torch.addcmul(b_v, x[sl], a_v)
+            torch.addcmul(shift_y, v, scale_y, out=y[sl]).clamp_min_(0)
+            above = v > 0 if outside else None
+            c = v.ceil_().add_(offset).clamp_(0, levels)
+            if above is not None:
+                _fix_outside_codes(c, above, c_t, levels)
+            codes[sl] = c
         out = F.conv2d(y, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-        above = v > 0 if _outside(c_t, levels) else None
-        codes = v.ceil_().add_((c_t - 1).view(shape)).clamp_(0, levels)
-        if above is not None:
-            _fix_outside_codes(codes, above, c_t, levels)
-        codes = codes.to(torch.uint8)
+        del y
         per_byte = 8 // bits
         if codes.numel() % per_byte:  # odd sizes keep one code per byte
             ctx.packed_bits, data = 8, codes.view(1, -1)
@@ -147,10 +165,17 @@ class _BNReLUConv(torch.autograd.Function):
         s = ctx.bin_width
         shape = (1, -1, 1, 1)
         codes = _unpack_codes(data, ctx.packed_bits).view(ctx.shape)
-        v = codes.float().sub_((c_t - 0.5).view(shape))  # bin centres, in v units
-        if _outside(c_t, 2**ctx.bits - 1):
-            _fix_outside_values(v, codes, c_t, 2**ctx.bits - 1)
-        y = torch.addcmul(shift_y, v, scale_y).clamp_min_(0)
+        levels = 2**ctx.bits - 1
+        outside = _outside(c_t, levels)
+        centre = (c_t - 0.5).view(shape)
+        v = torch.empty(ctx.shape, dtype=scale_y.dtype, device=codes.device)
+        y = torch.empty_like(v)
+        for sl in _blocks(v):
+            vb = torch.sub(codes[sl], centre, out=v[sl])  # bin centres in v units
+            if outside:
+                _fix_outside_values(vb, codes[sl], c_t, levels)
+            torch.addcmul(shift_y, vb, scale_y, out=y[sl]).clamp_min_(0)
+        del codes
         stride, padding, dilation, groups = ctx.conv
         need_x, need_g, need_b, need_w, need_bias = ctx.needs_input_grad[:5]
         grad_y, grad_w, grad_bias = torch.ops.aten.convolution_backward(
@@ -160,23 +185,33 @@ class _BNReLUConv(torch.autograd.Function):
         )
         grad_x = grad_gamma = grad_beta = None
         if grad_y is not None:
-            grad_z = grad_y.mul_(y > 0)  # exact mask: y > 0 exactly when the code is above c_t
             dims = (0, 2, 3)
-            sum_g = grad_z.sum(dims)
+            sum_g = torch.zeros_like(gamma)
+            sum_gv = torch.zeros_like(gamma)
+            for sl in _blocks(v):
+                gz = grad_y[sl].mul_(y[sl] > 0)  # exact mask: y > 0 exactly when the code is above c_t
+                sum_g += gz.sum(dims)
+                sum_gv += (gz * v[sl]).sum(dims)
+            del y
+            grad_z = grad_y
             # x̂ = sign·(t + s·v), so Σ g·x̂ follows from Σ g and Σ g·v.
-            sum_gxhat = sign * (t * sum_g + s * (grad_z * v).sum(dims))
+            sum_gxhat = sign * (t * sum_g + s * sum_gv)
             grad_gamma = sum_gxhat if need_g else None
             grad_beta = sum_g if need_b else None
             if need_x:
                 k = (gamma * invstd).view(shape)
                 if ctx.batch_stats:
                     n = grad_z.numel() / grad_z.shape[1]
-                    # dx = γ/σ · (g - mean(g) - x̂·mean(g·x̂)), the BatchNorm backward.
-                    xhat = torch.addcmul((sign * t).view(shape), v, (sign * s).view(shape))
-                    grad_x = (grad_z - (sum_g / n).view(shape)).sub_(
-                        xhat.mul_((sum_gxhat / n).view(shape))).mul_(k)
+                    # dx = γ/σ · (g - mean(g) - x̂·mean(g·x̂)), the BatchNorm backward, in place.
+                    m_g = (sum_g / n).view(shape)
+                    m_gx = (sum_gxhat / n).view(shape)
+                    xs, xt = (sign * s).view(shape), (sign * t).view(shape)
+                    for sl in _blocks(v):
+                        xhat = torch.addcmul(xt, v[sl], xs)
+                        grad_z[sl].sub_(m_g).sub_(xhat.mul_(m_gx)).mul_(k)
+                    grad_x = grad_z
                 else:
-                    grad_x = grad_z.mul(k)
+                    grad_x = grad_z.mul_(k)
         return grad_x, grad_gamma, grad_beta, grad_w, grad_bias, None, None, None
 
 

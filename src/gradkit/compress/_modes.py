@@ -105,7 +105,8 @@ class Activations:
             self.compressor = ActivationCompressor(
                 model, self.spec.bits,
                 group_size=int(options.get("group_size", 256)),
-                rounding=str(options.get("rounding", "stochastic")),
+                # The paper's quantiser is deterministic: blpa modes round to nearest by default.
+                rounding=str(options.get("rounding", "nearest" if self.spec.blpa else "stochastic")),
                 min_numel=int(options.get("min_numel", 1024)),
                 overrides=overrides,
                 reference=bool(options.get("reference", False)),
