@@ -42,13 +42,33 @@ log = logging.getLogger(__name__)
 _WINDOW = 6.0  # the 6-standard-deviation window of the paper (±3 in x̂)
 
 
+def _mean_var(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of an NCHW tensor.
+
+    torch.var_mean over (0, 2, 3) is ~20x slower than plain sums on CPU, so this sums shifted values
+    block by block; shifting by the first sample's channel means keeps E[d²] - E[d]² free of
+    cancellation when the mean is large compared with the spread.
+    """
+    shift = x[0].mean(dim=(1, 2)).view(1, -1, 1, 1)
+    s1 = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    s2 = torch.zeros_like(s1)
+    for sl in _blocks(x):
+        d = x[sl] - shift
+        s1 += d.sum(dim=(0, 2, 3), dtype=torch.float64)
+        s2 += d.square_().sum(dim=(0, 2, 3), dtype=torch.float64)
+    n = x.numel() / x.shape[1]
+    m1 = s1 / n
+    var = (s2 / n - m1 * m1).clamp_min_(0)
+    return (m1.to(x.dtype) + shift.view(-1)), var.to(x.dtype)
+
+
 def _batch_stats(x: torch.Tensor, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and biased variance used to normalise, updating running statistics as BatchNorm does."""
     use_batch = bn.training or bn.running_mean is None
     if not use_batch:
         assert bn.running_mean is not None and bn.running_var is not None
         return bn.running_mean, bn.running_var
-    var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+    mean, var = _mean_var(x)
     if bn.training and bn.track_running_stats and bn.running_mean is not None:
         assert bn.running_var is not None and bn.num_batches_tracked is not None
         with torch.no_grad():
