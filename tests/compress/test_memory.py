@@ -43,7 +43,7 @@ def test_full_precision_activations_are_released_after_forward(mode: str) -> Non
     alive = {}
     for run_mode in ("exact", mode):
         refs: list[weakref.ref] = []
-        hooks = [m.register_forward_hook(lambda _m, _a, out: refs.append(weakref.ref(out)))
+        hooks = [m.register_forward_hook(lambda _m, _a, out, refs=refs: refs.append(weakref.ref(out)))
                  for m in model.modules() if isinstance(m, nn.BatchNorm2d | nn.ReLU)]
         act = Activations(model, run_mode)
         with act:

@@ -72,11 +72,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.model} on {args.data}, batch {y.numel()}: bytes saved for backward by one step")
     if len(results) == 1:
         r = results[0]
-        rows = [(rec.module or "-", "x".join(map(str, rec.shape)), str(rec.dtype).replace("torch.", ""),
+        table = [(rec.module or "-", "x".join(map(str, rec.shape)), str(rec.dtype).replace("torch.", ""),
                  rec.kind, format_bytes(rec.exact_bytes), format_bytes(rec.stored_bytes))
                 for rec in r.records]
-        print(format_table(("module", "shape", "dtype", "kept as", "exact", "stored"), rows))
-    rows = [(r.mode, format_bytes(r.exact_bytes), format_bytes(r.stored_bytes), f"{r.ratio:.2f}x")
+        print(format_table(("module", "shape", "dtype", "kept as", "exact", "stored"), table))
+    summary = [(r.mode, format_bytes(r.exact_bytes), format_bytes(r.stored_bytes), f"{r.ratio:.2f}x")
             for r in results]
-    print(format_table(("activations", "exact_bytes", "stored_bytes", "ratio"), rows))
+    print(format_table(("activations", "exact_bytes", "stored_bytes", "ratio"), summary))
     return 0

@@ -299,6 +299,7 @@ class ActivationCompressor:
             shared = hit[1]
             shared.readers += 1
             return shared
+        assert bits is not None  # None was turned into reason "exact" above
         pack = _quant.pack_reference if self.reference else _quant.pack
         packed = pack(t, bits, group_size=self.group_size, rounding=self.rounding)
         shared = _Shared(packed, self.reference)

@@ -100,7 +100,7 @@ def _ranges(g: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, tor
         lo, step = lo16, step16
     else:
         step = (hi - lo) / levels
-    lo32, step32 = lo.float(), step.float()
+    step32 = step.float()
     # A constant group (step 0) decodes to lo exactly; inv 0 keeps its codes at 0.
     inv = torch.where(step32 > 0, _SAFETY / step32.clamp_min(torch.finfo(torch.float32).tiny),
                       torch.zeros_like(step32))
