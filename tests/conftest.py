@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,14 @@ def make_blobs(n_train: int = 384, n_test: int = 192, classes: int = 4, seed: in
 @pytest.fixture
 def blobs() -> Dataset:
     return make_blobs()
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for the test: suites of many tiny tensor ops otherwise lose most of their time
+    to OpenMP spin-waits on a busy 2-core machine (24 ms per tiny Linear call with 2 threads under load,
+    0.02 ms with 1). Folders of such tests use it through an autouse fixture in their conftest."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
