@@ -11,7 +11,6 @@ PyTorch with "modified by an inplace operation".
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +21,6 @@ from torch.func import functional_call
 from gradkit.methods._base import LossFn
 from gradkit.methods._pipelined import PipelineMethod
 from gradkit.methods._registry import METHODS
-from gradkit.optim import OptimizerFactory
 from gradkit.pipeline.batchnorm import frozen_running_stats
 from gradkit.pipeline.schedule import Action, DelayedGradientSchedule, Schedule
 from gradkit.pipeline.worker import PipelineError, StageWorker
@@ -151,16 +149,6 @@ class DelayedGradients(PipelineMethod):
     """
 
     name = "ddg"
-
-    def __init__(
-        self,
-        stages: Sequence[nn.Module],
-        *,
-        loss_fn: LossFn | None = None,
-        optimizer: OptimizerFactory | None = None,
-        record_timeline: bool = False,
-    ) -> None:
-        super().__init__(stages, loss_fn=loss_fn, optimizer=optimizer, record_timeline=record_timeline)
 
     def make_schedule(self, num_stages: int) -> Schedule:
         return DelayedGradientSchedule(num_stages)

@@ -8,14 +8,11 @@ is a separate worker that a multi-process executor can place on its own device.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import nn
 
 from gradkit.methods._base import LossFn
 from gradkit.methods._pipelined import PipelineMethod
-from gradkit.optim import OptimizerFactory
 from gradkit.pipeline.schedule import Action, Schedule, SynchronousSchedule
 from gradkit.pipeline.worker import PipelineError, StageWorker
 
@@ -60,16 +57,6 @@ class SynchronousPipeline(PipelineMethod):
     """Backprop split into K stage workers (``bp`` computed the way a stage-parallel executor runs it)."""
 
     name = "bp-pipeline"
-
-    def __init__(
-        self,
-        stages: Sequence[nn.Module],
-        *,
-        loss_fn: LossFn | None = None,
-        optimizer: OptimizerFactory | None = None,
-        record_timeline: bool = False,
-    ) -> None:
-        super().__init__(stages, loss_fn=loss_fn, optimizer=optimizer, record_timeline=record_timeline)
 
     def make_schedule(self, num_stages: int) -> Schedule:
         return SynchronousSchedule(num_stages)
