@@ -48,13 +48,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help=f"one or more of {', '.join(MODES)} (default: int4)")
     p.add_argument("--group-size", type=int, default=256, help="elements per quantisation range (default: 256)")
     p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's)")
     p.add_argument("--json", action="store_true", help="print JSON (one object, or a list for several modes)")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    for name in ("batch_size", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     dataset = load_dataset(args.data, args.data_dir, limit_train=args.batch_size, limit_test=1, seed=args.seed)
     info = dataset.info
     loader = BatchLoader(dataset.train_x, dataset.train_y, info, args.batch_size, train=True, seed=args.seed)
@@ -62,7 +67,9 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model = build_model(args.model, info.input_shape, info.num_classes, **dataset.model_args)
     options = {"group_size": args.group_size} if args.group_size != 256 else {}
-    results = [measure_activations(model, x, y, mode, **(options if mode != "exact" else {}))
+    exact_bytes = measure_activations(model, x, y, "exact").exact_bytes  # once, shared by all modes
+    results = [measure_activations(model, x, y, mode, exact_bytes=exact_bytes,
+                                   **(options if mode != "exact" else {}))
                for mode in args.activations]
     if args.json:
         payload = [dict(r.to_dict(), model=args.model, data=args.data, batch_size=int(y.numel()))

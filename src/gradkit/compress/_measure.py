@@ -58,6 +58,7 @@ def measure_activations(
     mode: str,
     *,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    exact_bytes: int | None = None,
     **options: object,
 ) -> ActivationMemory:
     """Measure one training step of a copy of ``model`` exactly and under ``mode``.
@@ -66,7 +67,10 @@ def measure_activations(
     are excluded, a storage saved by several operations counts once, and the input batch (kept: the
     caller holds it) counts in both.
     """
-    exact = _saved(copy.deepcopy(model), x, y, "exact", loss_fn, {})
-    records = exact if mode == "exact" else _saved(copy.deepcopy(model), x, y, mode, loss_fn, options)
-    return ActivationMemory(mode, sum(r.exact_bytes for r in exact), sum(r.stored_bytes for r in records),
-                            records)
+    if mode == "exact" or exact_bytes is None:
+        exact = _saved(copy.deepcopy(model), x, y, "exact", loss_fn, {})
+        exact_bytes = sum(r.exact_bytes for r in exact)
+        if mode == "exact":
+            return ActivationMemory(mode, exact_bytes, exact_bytes, exact)
+    records = _saved(copy.deepcopy(model), x, y, mode, loss_fn, options)
+    return ActivationMemory(mode, exact_bytes, sum(r.stored_bytes for r in records), records)
