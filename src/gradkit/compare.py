@@ -14,7 +14,7 @@ from gradkit.config import TrainConfig
 from gradkit.data import Dataset, load_dataset
 from gradkit.errors import ConfigError, TrainingDiverged
 from gradkit.loop import train
-from gradkit.methods import METHODS
+from gradkit.methods import METHODS, method_options
 from gradkit.runs import format_bytes, format_table, read_run
 
 __all__ = ["CompareRow", "DEFAULT_METHODS", "compare", "format_comparison"]
@@ -74,6 +74,11 @@ def compare(
     else:
         names = list(methods)
     specs = [_parse_spec(n, base.stages) for n in names]
+    # Each method gets the options it takes, so `-o copies=32` can tune ulr next to fr.
+    unused = set(base.method_options) - set().union(*(method_options(m) for m, _ in specs))
+    if unused:
+        raise ConfigError(f"no compared method takes option(s) {', '.join(sorted(unused))}; "
+                          "see each method's options in the README")
     if len(set(names)) != len(names):
         raise ConfigError(f"each method may appear once in --methods, got {', '.join(names)}")
     out = Path(out)
@@ -85,7 +90,9 @@ def compare(
     rows = []
     for name, (method, stages) in zip(names, specs, strict=True):
         folder = name.replace(":", "-k")
-        config = dataclasses.replace(base, method=method, stages=stages, out=str(out / folder))
+        options = {k: v for k, v in base.method_options.items() if k in method_options(method)}
+        config = dataclasses.replace(base, method=method, stages=stages, out=str(out / folder),
+                                     method_options=options)
         log.info("training %s", name)
         try:
             result = train(config, dataset=dataset)

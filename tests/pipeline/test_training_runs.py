@@ -143,3 +143,16 @@ def test_compare_reports_a_diverged_method_and_goes_on(tmp_path: Path, blobs: Da
     assert [r.method for r in rows] == ["fr:2", "bp"]
     assert all(r.status.startswith("diverged at epoch 1") for r in rows)
     assert "diverged at epoch 1" in format_comparison(rows)
+
+
+def test_compare_passes_each_method_only_the_options_it_takes(tmp_path: Path, blobs: Dataset) -> None:
+    from gradkit.compare import compare
+    from gradkit.errors import ConfigError
+
+    base = config(None, epochs=1, method_options={"bn_policy": "reference"})
+    compare(base, ["bp", "fr:2"], out=tmp_path / "cmp", dataset=blobs, plot=False)
+    assert json.loads((tmp_path / "cmp" / "fr-k2" / "config.json").read_text())["method_options"] == {
+        "bn_policy": "reference"}
+    assert json.loads((tmp_path / "cmp" / "bp" / "config.json").read_text())["method_options"] == {}
+    with pytest.raises(ConfigError, match="no compared method takes option"):
+        compare(config(None, method_options={"nosuch": 1}), ["bp", "fr:2"], out=tmp_path / "x", dataset=blobs)

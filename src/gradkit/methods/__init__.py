@@ -2,7 +2,7 @@
 
 from gradkit.methods._base import LossFn, Method
 from gradkit.methods._pipelined import PipelineMethod
-from gradkit.methods._registry import METHODS, build
+from gradkit.methods._registry import METHODS, build, method_options
 from gradkit.methods.backprop import Backprop
 from gradkit.methods.delayed_gradients import DelayedGradients
 from gradkit.methods.features_replay import FeaturesReplay
@@ -25,4 +25,5 @@ __all__ = [
     "PipelineMethod",
     "SyntheticGradients",
     "build",
+    "method_options",
 ]

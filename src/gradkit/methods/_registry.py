@@ -13,9 +13,19 @@ from gradkit.methods._base import LossFn, Method
 from gradkit.optim import OptimizerFactory
 from gradkit.registry import Registry
 
-__all__ = ["METHODS", "build"]
+__all__ = ["METHODS", "build", "method_options"]
 
 METHODS: Registry[type[Method]] = Registry("method")
+
+
+def method_options(name: str) -> set[str]:
+    """The method-specific options (keyword-only constructor arguments) method ``name`` takes."""
+    cls = METHODS.get(name)
+    return {
+        p.name
+        for p in inspect.signature(cls.__init__).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in ("loss_fn", "optimizer")
+    }
 
 
 def build(
@@ -44,11 +54,7 @@ def build(
         ConfigError: the name is unknown, or an option is not one the method takes.
     """
     cls = METHODS.get(name)
-    accepted = {
-        p.name
-        for p in inspect.signature(cls.__init__).parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in ("loss_fn", "optimizer")
-    }
+    accepted = method_options(name)
     for option in options:
         if option not in accepted:
             takes = ", ".join(sorted(accepted)) or "no options"
