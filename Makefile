@@ -11,10 +11,12 @@ install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_PIN)"
 	@$(PIP) install --quiet --disable-pip-version-check -e ".[dev]"
 
-# The main job: every registered method side by side on Fashion-MNIST (digits when it is nowhere).
+# The main job: backprop, Features Replay, DDG, DNI and hybrid likelihood-ratio training side by side on
+# Fashion-MNIST (digits when it is nowhere), two stages each; -o copies=32 reaches only ulr.
 demo: install
 	$(PYTHON) -m gradkit compare --model cnn --data fashion-mnist --fallback-data digits \
-		--epochs 3 --limit-train 12000 --limit-test 5000 --out $(DEMO_OUT)
+		--epochs 3 --limit-train 12000 --limit-test 5000 --methods bp,fr:2,ddg:2,dni:2,ulr:2 -o copies=32 \
+		--out $(DEMO_OUT)
 
 test: install
 	$(PYTHON) -m pytest -q
