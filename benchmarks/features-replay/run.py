@@ -180,7 +180,9 @@ def report(profile: Profile, out: Path, profile_name: str) -> str:
             sigma = [s for s in r["sigma_per_epoch"] if s is not None]
             table.append([
                 r["method"], str(r["stages"]) if r["method"] != "bp" else "-",
-                f"{r['best_test_error']:.2f}" + (" (diverged)" if r["diverged"] else ""),
+                f"{r['best_test_error']:.2f}" + (" (diverged)" if r["diverged"] else "")
+                + (f" (unfinished: {r['epochs']} of {profile.epochs[model]} epochs)"
+                   if r["epochs"] < profile.epochs[model] and not r["diverged"] else ""),
                 f"{100 * r['final_test_acc']:.2f}", f"{acc_gap:+.2f}",
                 f"{r['epoch_seconds']:.1f}", format_bytes(r["activation_bytes"]), f"{mem_ratio:.2f}x",
                 f"{sigma[-1]:.3f}" if sigma else "-",
