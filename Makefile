@@ -17,6 +17,9 @@ demo: install
 	$(PYTHON) -m gradkit compare --model cnn --data fashion-mnist --fallback-data digits \
 		--epochs 3 --limit-train 12000 --limit-test 5000 --methods bp,fr:2,ddg:2,dni:2,ulr:2 -o copies=32 \
 		--out $(DEMO_OUT)
+	$(PYTHON) -m gradkit memory --model cnn --data fashion-mnist --threads 1 \
+		--activations exact,int8,int4,int2,naive8 \
+	|| $(PYTHON) -m gradkit memory --model cnn --data digits --threads 1 --activations exact,int8,int4,int2,naive8
 
 test: install
 	$(PYTHON) -m pytest -q

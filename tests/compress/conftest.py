@@ -1,16 +1,10 @@
-"""One torch thread in these tests: small ops spin-wait when the shared machine is busy."""
+"""Compression tests run many small ops: one torch thread (see ``one_torch_thread`` in tests/conftest.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread: None) -> None:
+    return None
