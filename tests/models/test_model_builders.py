@@ -15,6 +15,7 @@ from gradkit.models import MODELS, build_model
 EXPECTED_NAMES = {
     "mlp",
     "cnn",
+    "snn",
     "resnet20",
     "resnet32",
     "resnet44",
@@ -26,12 +27,13 @@ EXPECTED_NAMES = {
     "resnet5",
     "vgg8",
 }
+NON_IMAGE = {"rnn", "gru", "lstm", "gcn"}  # text and graph models: tested in tests/ulr/test_models_data.py
 BIG = {"resnet101", "resnet152"}  # tens of millions of parameters: forward on batch 2 only
 SHAPES = [(1, 28, 28), (3, 32, 32)]
 
 
 def test_registered_names() -> None:
-    assert set(MODELS.names()) == EXPECTED_NAMES
+    assert set(MODELS.names()) == EXPECTED_NAMES | NON_IMAGE
     for name in MODELS:
         assert MODELS.help(name), f"{name} has no help text"
 
@@ -159,7 +161,7 @@ def test_zero_init_residual() -> None:
             "unknown option(s) for model 'cnn': depth",
         ),
         (lambda: build_model("resnet20", (3, 32, 32), 10, widht=8), "accepts: width, shortcut"),
-        (lambda: build_model("nope", (3, 32, 32), 10), "choose one of: cnn, mlp, resnet20"),
+        (lambda: build_model("nope", (3, 32, 32), 10), "choose one of: cnn, gcn, mlp"),
         (lambda: build_model("cnn", (784,), 10), "expects input_shape (C, H, W)"),
         (lambda: build_model("vgg8", (1, 8, 8), 10), "must be >= 16"),
         (lambda: build_model("cnn", (1, 2, 2), 10), "must be >= 4"),

@@ -47,6 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = _TqdmHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger("gradkit")
+    # Restored afterwards: main() is also called in-process (tests, notebooks).
+    saved = (root.handlers[:], root.level, root.propagate)
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING if args.quiet else logging.INFO)
     root.propagate = False
@@ -60,3 +62,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"gradkit {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        root.handlers[:], root.level, root.propagate = saved[0], saved[1], saved[2]
