@@ -136,8 +136,8 @@ def _row(method: str, history: list[dict[str, Any]], run_dir: Path | None) -> Co
 
 def _diverged_row(method: str, run_dir: Path | None, exc: TrainingDiverged) -> CompareRow:
     nan = float("nan")
-    where = str(exc).split(" at ", 1)[-1].split(";", 1)[0]
-    return CompareRow(method, nan, nan, nan, nan, None, run_dir, status=f"diverged at {where}")
+    status = f"diverged at {exc.where}" if exc.where else "diverged"
+    return CompareRow(method, nan, nan, nan, nan, None, run_dir, status=status)
 
 
 def format_comparison(rows: Sequence[CompareRow]) -> str:

@@ -25,6 +25,14 @@ class DataError(GradkitError):
 
 
 class TrainingDiverged(GradkitError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss became NaN or infinite; the last good checkpoint is kept.
+
+    Attributes:
+        where: the position, e.g. ``"epoch 2 step 7"`` (empty when unknown).
+    """
 
     exit_code = 1
+
+    def __init__(self, message: str, *, where: str = "") -> None:
+        super().__init__(message)
+        self.where = where

@@ -434,7 +434,7 @@ class _Run:
             kept = f"the last good checkpoint {self.out / CHECKPOINT} (after epoch {self.epoch}) is kept"
         else:
             kept = "no checkpoint had been written yet"
-        raise TrainingDiverged(f"loss became {loss} at {where}; {kept}; try a lower --lr")
+        raise TrainingDiverged(f"loss became {loss} at {where}; {kept}; try a lower --lr", where=where)
 
     def _interrupted(self) -> None:
         path = self.checkpoint()

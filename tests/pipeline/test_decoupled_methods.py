@@ -209,20 +209,27 @@ def test_epoch_boundary_keeps_batches_in_flight_and_flush_drains() -> None:
     assert [len(w.fifo) for w in method.workers[:-1]] == [1, 1, 1]  # type: ignore[attr-defined]
 
 
-def test_predict_uses_current_weights_outside_the_pipeline() -> None:
+def test_predict_uses_current_weights_and_leaves_the_pipeline_alone() -> None:
     model = small_model()
     method = build("ddg", gradkit.split(model, 3, balance="count"))
     for x, y in batches(4):
         method.step(x, y)
-    before = copy.deepcopy(method.state_dict())
+    stashed = [[e.batch for e in w.stash] for w in method.workers[:-1]]  # type: ignore[attr-defined]
+    messages = {k: [m.batch for m in q] for k, q in method.executor.channels.items()}
+    state = copy.deepcopy(method.state_dict())
     x = batches(1)[0][0]
-    model.eval()
-    expected = model(x)
+    reference = copy.deepcopy(model).eval()
     method.eval()
-    torch.testing.assert_close(method.predict(x), expected)
+    torch.testing.assert_close(method.predict(x), reference(x), rtol=0, atol=0)
     method.train()
-    after = method.state_dict()
-    assert after["pipeline"]["step"] == before["pipeline"]["step"]
+    assert [[e.batch for e in w.stash] for w in method.workers[:-1]] == stashed  # type: ignore[attr-defined]
+    assert {k: [m.batch for m in q] for k, q in method.executor.channels.items()} == messages
+    for name, value in method.state_dict()["stages"][1].items():  # BatchNorm statistics included
+        assert torch.equal(value, state["stages"][1][name]), name
+    assert stashed == [[2, 3], [3]]  # stage k holds its last K-1-k graphs between steps
+    # ...and the pipeline carries on where it was: the next step trains the oldest stashed batches.
+    method.step(*batches(1)[0])
+    assert [[e.batch for e in w.stash] for w in method.workers[:-1]] == [[3, 4], [4]]  # type: ignore[attr-defined]
 
 
 def test_synchronous_pipeline_equals_backprop() -> None:

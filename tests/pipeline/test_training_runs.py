@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 from pathlib import Path
@@ -130,7 +131,7 @@ def test_three_stage_mlp_on_digits(method: str, capsys: pytest.CaptureFixture[st
                  "--epochs", str(epochs), "--no-progress", "--out", str(tmp_path / method)])
     assert code == 0
     history = records(tmp_path / method)
-    assert len(history) == epochs and all(r["train_loss"] == r["train_loss"] < 10 for r in history)
+    assert len(history) == epochs and all(math.isfinite(r["train_loss"]) and r["train_loss"] < 10 for r in history)
     if method == "fr":
         assert history[-1]["test_acc"] >= 0.93
 

@@ -71,11 +71,6 @@ class PipelineMethod(Method):
     def steady_step(self) -> int:
         return self.schedule.drain_steps()
 
-    @property
-    def in_flight_batches(self) -> int:
-        """Batches fed since the pipeline was last empty."""
-        return self._step
-
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         self.executor.run_step(self._step, x, y)
         self._step += 1
@@ -124,10 +119,8 @@ class PipelineMethod(Method):
             raise ValueError(f"state for {self.name!r} has no pipeline buffers")
         if len(pipeline["workers"]) != len(self.workers):
             raise ValueError(f"state has {len(pipeline['workers'])} stages but this method has {len(self.workers)}")
-        # Weights first: rebuilding stashed graphs (DDG) needs the saved weights in place, and
-        # synthesizers (DNI) must exist before their optimizers' states are loaded.
-        for stage, sd in zip(self.stages, state["stages"], strict=True):
-            stage.load_state_dict(sd)
+        # Buffers first: DNI's synthesizers (and so their optimizers) must exist before the
+        # optimizer states are loaded. DDG rebuilds its graphs from the stashed weights, not the stage's.
         for worker, ws in zip(self.workers, pipeline["workers"], strict=True):
             worker.load_buffer_state(ws)
         super().load_state_dict(state)
