@@ -72,6 +72,9 @@ class TrainConfig:
     """Seed of weight initialisation, data order and augmentation."""
     threads: int | None = None
     """CPU threads for torch (None keeps torch's default)."""
+    workers: int | None = None
+    """Processes, one per stage (``--workers K`` starts them; under torchrun the world size); None or
+    1 trains in this process."""
     device: str = "auto"
     """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available)."""
     limit_train: int | None = None
@@ -105,7 +108,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-        for name in ("limit_train", "limit_test", "threads", "measure_direction"):
+        for name in ("limit_train", "limit_test", "threads", "measure_direction", "workers"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")

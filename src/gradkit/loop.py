@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from gradkit import distributed as _distributed
 from gradkit import methods as _methods
 from gradkit.checkpoint import atomic_write, load_checkpoint, save_checkpoint, write_json_atomic
 from gradkit.compress import Activations
@@ -42,7 +44,7 @@ from gradkit.methods import Method
 from gradkit.models import build_model
 from gradkit.stages import split
 
-__all__ = ["train", "evaluate", "RunResult", "RunInterrupted", "StepCallback"]
+__all__ = ["train", "evaluate", "RunResult", "RunInterrupted", "StepCallback", "WorkerFailed"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,12 @@ _FORMAT = 1
 
 StepCallback = Callable[[int, int, float], None]
 """Called after every step with (epoch, step within epoch, loss); may raise KeyboardInterrupt."""
+
+
+class WorkerFailed(GradkitError):
+    """A worker process of a multi-process run failed; its own message was printed by it."""
+
+    exit_code = 1
 
 
 class RunInterrupted(GradkitError):
@@ -73,8 +81,10 @@ class RunResult:
     """Activation memory of the first training step (None when resumed past it)."""
     stage_sizes: list[int]
     """Blocks per stage."""
-    method: Method = field(repr=False)
-    model: nn.Module = field(repr=False)
+    method: Method | None = field(repr=False)
+    """The trained method; None in the process that launched workers (each worker holds one stage)."""
+    model: nn.Module | None = field(repr=False)
+    """The trained model; None in the launching process (the weights are in ``model.pt``)."""
 
     @property
     def final(self) -> dict[str, Any]:
@@ -444,6 +454,23 @@ class _Run:
         raise RunInterrupted(f"interrupted at {where}; checkpoint saved to {path}; continue with --resume")
 
 
+def _launch_workers(config: TrainConfig) -> RunResult:
+    """Train in ``config.workers`` processes (one stage each) and read back what they wrote."""
+    from gradkit.distributed.launch import launch
+
+    code = launch(config, config.workers or 1)
+    if code == RunInterrupted.exit_code:
+        raise RunInterrupted(f"interrupted; the checkpoint in {config.out} is kept; continue with --resume")
+    if code != 0:
+        raise WorkerFailed(f"a worker failed (exit code {code}); see its message above; "
+                           f"the last good checkpoint in {config.out} is kept")
+    out = config.out_path
+    assert out is not None
+    history = [json.loads(line) for line in (out / METRICS).read_text().splitlines() if line.strip()]
+    saved = json.loads((out / CONFIG).read_text())
+    return RunResult(config, history, None, list(saved["stage_sizes"]), None, None)
+
+
 def train(
     config: TrainConfig,
     *,
@@ -470,6 +497,18 @@ def train(
         TrainingDiverged: the loss became NaN or infinite; the last good checkpoint is kept.
         RunInterrupted: Ctrl-C; a checkpoint of the exact position was saved first.
     """
+    if _distributed.in_worker_process() and int(os.environ["WORLD_SIZE"]) > 1:
+        if config.workers is not None and config.workers != int(os.environ["WORLD_SIZE"]):
+            raise ConfigError(f"--workers {config.workers} but this process is one of "
+                              f"{os.environ['WORLD_SIZE']} ranks; leave --workers out under torchrun")
+        if dataset is not None:
+            raise ConfigError("a multi-process run loads its data on rank 0; pass data by name, not dataset=")
+        return _distributed.train_worker(config, on_step=on_step)
+    if config.workers is not None and config.workers > 1:
+        if dataset is not None or on_step is not None:
+            raise ConfigError("with workers > 1 the steps run in other processes; dataset= and on_step= "
+                              "cannot be passed to them")
+        return _launch_workers(config)
     run = _Run(config, dataset)
     try:
         return run.run(on_step)

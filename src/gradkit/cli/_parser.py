@@ -112,7 +112,11 @@ def add_training_args(parser: argparse.ArgumentParser, *, single_method: bool = 
                           "and the cosine of the method's update g (per-epoch mean and min in metrics.jsonl)")
 
     where = parser.add_argument_group("where to run")
-    where.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads for torch")
+    where.add_argument("--threads", type=_positive_int, metavar="N",
+                       help="CPU threads for torch (with --workers, per worker; default: cores / workers)")
+    where.add_argument("--workers", type=_positive_int, metavar="K",
+                       help="run the K stages in K processes on this machine, one stage each (fr, ddg, dni, "
+                            "bp); under torchrun the ranks are the workers and this may be left out")
     where.add_argument("--device", default=_DEFAULTS.device, help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     where.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -141,6 +145,7 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> TrainConf
         milestones=args.milestones,
         seed=args.seed,
         threads=args.threads,
+        workers=getattr(args, "workers", None),
         device=args.device,
         limit_train=args.limit_train,
         limit_test=args.limit_test,

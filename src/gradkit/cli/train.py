@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from gradkit.cli._parser import add_training_args, config_from_args
 from gradkit.loop import train
@@ -16,6 +17,13 @@ object per epoch), checkpoint.pt (replaced atomically every epoch and on Ctrl-C)
 example:
   gradkit train --method bp --model cnn --data fashion-mnist --epochs 3 --out runs/cnn
   gradkit train --method bp --model cnn --data fashion-mnist --epochs 3 --out runs/cnn --resume
+
+  gradkit train --method fr --stages 2 --workers 2 --model resnet20 --data cifar10 --out runs/fr2
+  torchrun --nproc-per-node 2 -m gradkit train --method fr --stages 2 --model resnet20 --data cifar10 --out runs/fr2
+
+--workers K runs each of the K stages in its own process (fr, ddg, dni, and bp as the synchronous
+pipeline), with cores / K threads each unless --threads says otherwise; under torchrun each rank is
+one stage. See README "Stage-parallel training" for several machines.
 
 --resume continues an interrupted run from its checkpoint (same options; only --epochs, --threads and
 --device may change) and ends with the same weights as an uninterrupted run. A larger --epochs
@@ -36,6 +44,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     result = train(config)
+    if int(os.environ.get("RANK", "0")) != 0:  # one rank of a torchrun run: rank 0 reports
+        return 0
     final = result.final
     print(
         f"{config.method} {config.model} on {config.data}: test_acc {final['test_acc']:.4f}, "

@@ -12,7 +12,7 @@ from torch import nn
 from gradkit.memory import tensor_bytes
 from gradkit.methods._base import LossFn, Method
 from gradkit.optim import OptimizerFactory
-from gradkit.pipeline.local import LocalExecutor
+from gradkit.pipeline.local import Executor, LocalExecutor
 from gradkit.pipeline.schedule import Schedule
 from gradkit.pipeline.worker import PipelineError, StageWorker
 
@@ -47,7 +47,7 @@ class PipelineMethod(Method):
             worker = self.make_worker(k, stage, self.optimizer_factory(params))
             worker.observers = self.update_observers
             self.workers.append(worker)
-        self.executor = LocalExecutor(self.schedule, self.workers, record_timeline=record_timeline)
+        self.executor: Executor = LocalExecutor(self.schedule, self.workers, record_timeline=record_timeline)
         self._step = 0
         """Steps since the pipeline was last empty; batch ids count from there."""
 
@@ -72,12 +72,34 @@ class PipelineMethod(Method):
         return self.schedule.drain_steps()
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        self.executor.run_step(self._step, x, y)
-        self._step += 1
-        loss = self.workers[-1].last_loss
+        self.prepare(x)
+        loss = self.run_step(x, y)
         if loss is None:  # the last stage runs every batch in its own step; a schedule bug otherwise
             raise PipelineError(f"{self.name}: the last stage produced no loss at step {self._step - 1}")
         return loss
+
+    def run_step(self, x: torch.Tensor | None, y: torch.Tensor | None) -> float | None:
+        """One pipeline iteration on the executor; the loss if this process runs the last stage.
+
+        With a :class:`~gradkit.distributed.DistributedExecutor` only rank 0 passes data (the others
+        pass None) and only the last rank gets a loss back.
+        """
+        self.workers[-1].last_loss = None
+        self.executor.run_step(self._step, x, y)
+        self._step += 1
+        return self.workers[-1].last_loss
+
+    def prepare(self, sample: torch.Tensor) -> None:
+        """Build whatever depends on the input's shape (DNI's synthesizers) from a sample batch.
+
+        Idempotent; every process of a multi-process run calls it with the same sample so that
+        lazily built modules get the same initial weights everywhere.
+        """
+        return None
+
+    def use_executor(self, executor: Executor) -> None:
+        """Run the schedule on ``executor`` instead of the single-process one (e.g. one rank per stage)."""
+        self.executor = executor
 
     def flush(self) -> None:
         """Finish every batch in flight (K-1 steps without new data for FR and DDG)."""
@@ -126,3 +148,35 @@ class PipelineMethod(Method):
         super().load_state_dict(state)
         self.executor.load_state(pipeline["channels"])
         self._step = pipeline["step"]
+
+    def shard_state(self, rank: int) -> dict[str, Any]:
+        """What stage ``rank`` alone must save to resume: its weights, optimizers, buffers and messages.
+
+        The multi-process executor must have been drained (no message on the wire).
+        """
+        worker = self.workers[rank]
+        return {
+            "method": self.name,
+            "stage": rank,
+            "num_stages": len(self.stages),
+            "weights": self.stages[rank].state_dict(),
+            "optimizers": [opt.state_dict() for opt in [worker.optimizer, *worker.extra_optimizers()]],
+            "buffers": worker.buffer_state(),
+            "channels": self.executor.state(),
+            "step": self._step,
+        }
+
+    def load_shard_state(self, rank: int, state: dict[str, Any]) -> None:
+        """Restore what :meth:`shard_state` returned for stage ``rank``."""
+        if state.get("method") != self.name or state.get("stage") != rank or state.get("num_stages") != len(self.stages):
+            raise ValueError(
+                f"shard is for {state.get('method')!r} stage {state.get('stage')} of {state.get('num_stages')}, "
+                f"not {self.name!r} stage {rank} of {len(self.stages)}"
+            )
+        worker = self.workers[rank]
+        worker.load_buffer_state(state["buffers"])  # first: DNI's synthesizer optimizer must exist
+        self.stages[rank].load_state_dict(state["weights"])
+        for opt, sd in zip([worker.optimizer, *worker.extra_optimizers()], state["optimizers"], strict=True):
+            opt.load_state_dict(sd)
+        self.executor.load_state(state["channels"])
+        self._step = state["step"]

@@ -242,11 +242,10 @@ class SyntheticGradients(PipelineMethod):
         """Weight of the true δ for ``batch``: 1 during the warm-up, then ``true_gradient_mix``."""
         return 1.0 if batch < self.warmup_steps else self.true_gradient_mix
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+    def prepare(self, sample: torch.Tensor) -> None:
         workers = [w for w in self.workers if isinstance(w, SyntheticGradientWorker) and not w.is_last]
         if any(w.synthesizer is None for w in workers):
-            self._build_synthesizers(x)
-        return super().step(x, y)
+            self._build_synthesizers(sample)
 
     @torch.no_grad()
     def _build_synthesizers(self, x: torch.Tensor) -> None:

@@ -13,14 +13,14 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from gradkit.pipeline.schedule import ACTIVATION, DATA, LABEL, Action, Schedule
 from gradkit.pipeline.worker import PipelineError, StageWorker
 
-__all__ = ["LocalExecutor", "Message", "TimelineEntry"]
+__all__ = ["Executor", "LocalExecutor", "Message", "TimelineEntry"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,21 @@ class TimelineEntry:
 
 
 Channel = tuple[str, int, int]  # (kind, source, destination)
+
+
+class Executor(Protocol):
+    """What a :class:`~gradkit.methods.PipelineMethod` needs from an executor (local or distributed)."""
+
+    def run_step(self, step: int, x: torch.Tensor | None = None, y: torch.Tensor | None = None,
+                 *, last_batch: int | None = None) -> None: ...
+
+    def in_flight(self) -> dict[int, list[torch.Tensor]]: ...
+
+    def state(self) -> list[tuple[str, int, int, list[tuple[int, torch.Tensor]]]]: ...
+
+    def load_state(self, state: list[Any]) -> None: ...
+
+    def empty(self) -> bool: ...
 
 
 class LocalExecutor:

@@ -1,0 +1,218 @@
+"""The multi-process executor: one stage's column of a schedule, messages over torch.distributed.
+
+Each process runs :meth:`Schedule.actions` for its own stage only, exactly as the single-process
+:class:`~gradkit.pipeline.local.LocalExecutor` runs it for every stage. Activations go up and δ comes
+down as point-to-point messages; rank 0 is also the data source, so it sends the labels (and nothing
+else: images never leave rank 0) to the stages whose actions consume them.
+
+A message is a small int64 header (batch id, dtype, shape) followed by the payload. Every message kind
+travels in its own process group, so the two per-pair FIFOs of a kind (header, payload) can never be
+confused with another kind's, on gloo (CPU) as on NCCL (GPU), which ignores tags. Sends are
+asynchronous (``isend``): a stage keeps computing while its output travels. Receives are lazy: a
+message is received when an action needs it, so a stage that runs ahead (FR's stage 0 plays the next
+batch before the δ of the previous one arrives) is not held back.
+
+Consistent checkpoints need every message that was sent before the checkpoint to be in a receiver's
+local channel, not on the wire. The executor counts, from the schedule, how many messages each peer
+has sent to it so far (``expected``); :meth:`drain` receives until the counts match, after which
+:meth:`state` is exactly what the single-process executor would hold for this stage.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from gradkit.pipeline.local import Message
+from gradkit.pipeline.schedule import ACTIVATION, DATA, LABEL, Action, Schedule
+from gradkit.pipeline.worker import PipelineError, StageWorker
+
+__all__ = ["DistributedExecutor", "MESSAGE_KINDS"]
+
+MESSAGE_KINDS = (ACTIVATION, "delta", LABEL)
+"""Every kind of message a schedule sends; each gets its own process group."""
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
+           torch.uint8, torch.bool)
+_HEADER = 12  # batch, dtype code, ndim, then up to 9 dimensions
+
+IncomingChannel = tuple[str, int]  # (kind, source stage or DATA)
+
+
+def _header(batch: int, tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.dtype not in _DTYPES:
+        raise PipelineError(f"cannot send a tensor of dtype {tensor.dtype}; supported: {_DTYPES}")
+    if tensor.dim() > _HEADER - 3:
+        raise PipelineError(f"cannot send a {tensor.dim()}-dimensional tensor (at most {_HEADER - 3})")
+    values = [batch, _DTYPES.index(tensor.dtype), tensor.dim(), *tensor.shape]
+    return torch.tensor(values + [0] * (_HEADER - len(values)), dtype=torch.int64)
+
+
+class DistributedExecutor:
+    """Runs stage ``rank``'s column of ``schedule`` with ``worker``; peers run theirs elsewhere.
+
+    Args:
+        schedule: the same schedule object every rank uses.
+        worker: this rank's stage worker.
+        groups: one process group per message kind (:data:`MESSAGE_KINDS`), all ranks in each.
+        device: where received tensors are placed (the stage's device).
+    """
+
+    def __init__(self, schedule: Schedule, worker: StageWorker, groups: dict[str, Any],
+                 device: torch.device) -> None:
+        self.schedule = schedule
+        self.worker = worker
+        self.rank = worker.index
+        self.groups = groups
+        self.device = device
+        # Headers travel on the CPU with gloo and on the device with NCCL.
+        self._header_device = device if device.type == "cuda" else torch.device("cpu")
+        self.channels: dict[IncomingChannel, deque[Message]] = {}
+        self.expected: Counter[IncomingChannel] = Counter()
+        """Messages peers have sent (or will send) to this stage since the counters were reset."""
+        self.received: Counter[IncomingChannel] = Counter()
+        self._pending: list[tuple[Any, torch.Tensor]] = []
+
+    # -- running --------------------------------------------------------------------------------------
+    def run_step(self, step: int, x: torch.Tensor | None = None, y: torch.Tensor | None = None,
+                 *, last_batch: int | None = None) -> None:
+        """Execute this stage's actions of iteration ``step``; rank 0 passes batch ``step`` as ``x, y``."""
+        schedule, rank = self.schedule, self.rank
+        for source in range(schedule.num_stages):
+            if source == rank:
+                continue
+            for action in schedule.actions(step, source, last_batch):
+                for kind, destination in action.send:
+                    if destination == rank:
+                        self.expected[(kind, source)] += 1
+        own = schedule.actions(step, rank, last_batch)
+        if rank != 0:
+            for action in own:
+                for kind, source in action.recv:
+                    if source == DATA:
+                        self.expected[(kind, DATA)] += 1
+        else:
+            self._serve_data(step, x, y, last_batch)
+        for action in own:
+            self._execute(action)
+        self._reap()
+
+    def _serve_data(self, step: int, x: torch.Tensor | None, y: torch.Tensor | None,
+                    last_batch: int | None) -> None:
+        """Rank 0: hand batch ``step`` to every stage that consumes it (labels only, to other ranks)."""
+        for stage in range(self.schedule.num_stages):
+            for action in self.schedule.actions(step, stage, last_batch):
+                for kind, source in action.recv:
+                    if source != DATA:
+                        continue
+                    if x is None or y is None:
+                        raise PipelineError(f"stage {stage} needs data for batch {action.batch} at step {step}")
+                    tensor = x if kind == ACTIVATION else y
+                    if stage == 0:
+                        self.channels.setdefault((kind, DATA), deque()).append(Message(action.batch, tensor))
+                    else:
+                        self._send(kind, stage, action.batch, tensor)
+
+    def _execute(self, action: Action) -> None:
+        received = {}
+        for kind, source in action.recv:
+            message = self._take(kind, source)
+            if message.batch != action.batch:
+                where = "the data source" if source == DATA else f"stage {source}"
+                raise PipelineError(
+                    f"stage {self.rank} ({action.op}) expected the {kind} of batch {action.batch} from {where} "
+                    f"but received batch {message.batch}"
+                )
+            received[kind] = message.tensor
+        sent = self.worker.execute(action, received)
+        for kind, destination in action.send:
+            if kind not in sent:
+                raise PipelineError(f"stage {self.rank} ({action.op} {action.batch}) did not produce its {kind}")
+            self._send(kind, destination, action.batch, sent[kind])
+
+    # -- messages -------------------------------------------------------------------------------------
+    @staticmethod
+    def _peer(source: int) -> int:
+        return 0 if source == DATA else source
+
+    def _send(self, kind: str, destination: int, batch: int, tensor: torch.Tensor) -> None:
+        payload = tensor.detach().contiguous()
+        group = self.groups[kind]
+        header = _header(batch, payload).to(self._header_device)
+        # Both buffers must stay alive until the sends complete: keep them with their handles.
+        self._pending.append((dist.isend(header, destination, group=group), header))
+        self._pending.append((dist.isend(payload, destination, group=group), payload))
+
+    def _take(self, kind: str, source: int) -> Message:
+        channel = (kind, source)
+        queue = self.channels.get(channel)
+        if queue:
+            return queue.popleft()
+        if source == self.rank or (source == DATA and self.rank == 0):
+            raise PipelineError(f"stage {self.rank} needs a {kind} from itself that was never produced")
+        return self._receive(channel)
+
+    def _receive(self, channel: IncomingChannel) -> Message:
+        kind, source = channel
+        if self.received[channel] >= self.expected[channel]:
+            raise PipelineError(
+                f"stage {self.rank} waits for a {kind} from {'the data source' if source == DATA else f'stage {source}'} "
+                "that the schedule never sends"
+            )
+        group, peer = self.groups[kind], self._peer(source)
+        header = torch.empty(_HEADER, dtype=torch.int64, device=self._header_device)
+        dist.recv(header, peer, group=group)
+        values = header.tolist()
+        batch, dtype, ndim = values[0], _DTYPES[values[1]], values[2]
+        payload = torch.empty(values[3 : 3 + ndim], dtype=dtype, device=self.device)
+        dist.recv(payload, peer, group=group)
+        self.received[channel] += 1
+        return Message(batch, payload)
+
+    def drain(self) -> None:
+        """Receive every message already sent to this stage into its local channels (before a checkpoint)."""
+        for channel in sorted(self.expected):
+            while self.received[channel] < self.expected[channel]:
+                self.channels.setdefault(channel, deque()).append(self._receive(channel))
+        self.wait_sends()
+
+    def wait_sends(self) -> None:
+        """Block until every message this stage sent has been delivered."""
+        for handle, _ in self._pending:
+            handle.wait()
+        self._pending.clear()
+
+    def _reap(self) -> None:
+        self._pending = [(h, t) for h, t in self._pending if not h.is_completed()]
+
+    # -- buffers --------------------------------------------------------------------------------------
+    def in_flight(self) -> dict[int, list[torch.Tensor]]:
+        """Tensors waiting in this stage's channels (data and labels excluded)."""
+        tensors = [m.tensor for (kind, source), q in self.channels.items()
+                   if source != DATA and kind != LABEL for m in q]
+        return {self.rank: tensors} if tensors else {}
+
+    def state(self) -> list[tuple[str, int, int, list[tuple[int, torch.Tensor]]]]:
+        """This stage's incoming messages, in :class:`LocalExecutor` form; call :meth:`drain` first."""
+        if any(self.received[c] < self.expected[c] for c in self.expected):
+            raise PipelineError(f"stage {self.rank}: messages still on the wire; drain() before saving")
+        return [
+            (kind, source, self.rank, [(m.batch, m.tensor.cpu()) for m in queue])
+            for (kind, source), queue in self.channels.items() if queue
+        ]
+
+    def load_state(self, state: list[Any]) -> None:
+        self.channels = {
+            (kind, source): deque(Message(batch, tensor.to(self.device)) for batch, tensor in messages)
+            for kind, source, destination, messages in state if destination == self.rank
+        }
+        self.expected.clear()
+        self.received.clear()
+
+    def empty(self) -> bool:
+        """No message is waiting here and none is on its way."""
+        return not any(self.channels.values()) and all(
+            self.received[c] >= self.expected[c] for c in self.expected)

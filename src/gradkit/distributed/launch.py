@@ -1,0 +1,117 @@
+"""``gradkit train --workers K``: start K worker processes on this machine and watch them.
+
+The launcher does what ``torchrun --nproc-per-node K`` does for gradkit, with no extra tool: it hosts
+the rendezvous store (so the store outlives any worker), starts one process per stage with the
+``RANK``/``WORLD_SIZE``/``MASTER_*`` variables set, forwards Ctrl-C to them once (they agree on a step,
+save a checkpoint and exit), and makes sure none outlives the run: when one worker fails, the others
+get :data:`GRACE_S` seconds to stop on their own (their watchdogs usually stop them within a second)
+and are then killed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from gradkit.config import TrainConfig
+from gradkit.distributed.context import AGENT_STORE_ENV
+from gradkit.distributed.run import check_config, default_threads
+
+__all__ = ["GRACE_S", "launch"]
+
+GRACE_S = 45.0
+"""Seconds the surviving workers get to stop by themselves after one failed, before they are killed."""
+INTERRUPTED = 130
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _describe(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def launch(config: TrainConfig, workers: int) -> int:
+    """Train ``config`` with ``workers`` processes, one stage each; returns the exit code.
+
+    0 when every worker finished, 130 after Ctrl-C (a checkpoint was saved), otherwise the code of
+    the first worker that failed (its one-line message is on stderr).
+    """
+    check_config(config, workers)  # one-line errors before any process starts
+    assert config.out_path is not None
+    out = config.out_path
+    out.mkdir(parents=True, exist_ok=True)
+    spec = out / "launch.json"
+    spec.write_text(json.dumps(config.to_dict(), indent=2))
+    port = _free_port()
+    store = dist.TCPStore("127.0.0.1", port, None, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=60))
+    threads = config.threads or default_threads(workers)
+    procs = []
+    for rank in range(workers):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(workers), LOCAL_RANK=str(rank),
+                   LOCAL_WORLD_SIZE=str(workers), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   OMP_NUM_THREADS=str(threads), **{AGENT_STORE_ENV: "1"})
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning threads steal cores from the other stages
+        # A session of its own: a terminal's Ctrl-C reaches the launcher only, which forwards it once.
+        procs.append(subprocess.Popen([sys.executable, "-m", "gradkit.distributed.worker", str(spec)],
+                                      env=env, start_new_session=True))
+    interrupts = 0
+
+    def forward(signum: int, frame: object) -> None:
+        nonlocal interrupts
+        interrupts += 1
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT if interrupts == 1 else signal.SIGKILL)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    first_failure: tuple[int, int] | None = None
+    deadline = None
+    try:
+        while any(p.poll() is None for p in procs):
+            for rank, p in enumerate(procs):
+                code = p.poll()
+                if code not in (None, 0, INTERRUPTED) and first_failure is None:
+                    first_failure = (rank, code)
+                    deadline = time.monotonic() + GRACE_S
+                    if code < 0 and not store.check(["gradkit/failed"]):
+                        # Killed, so it could not say so itself: tell the others who failed.
+                        store.set("gradkit/failed", json.dumps({"rank": rank, "message": _describe(code)}))
+            if deadline is not None and time.monotonic() > deadline:
+                for p in procs:
+                    if p.poll() is None:
+                        p.kill()
+            time.sleep(0.1)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        for p in procs:  # never leave a worker behind, whatever happened here
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        spec.unlink(missing_ok=True)
+    if first_failure is not None:
+        rank, code = first_failure
+        if code < 0:
+            print(f"gradkit train: error: rank {rank} {_describe(code)}; the other workers stopped; "
+                  f"the last good checkpoint in {out} is kept (continue with --resume)", file=sys.stderr)
+        return code if code > 0 else 1
+    codes = [p.returncode for p in procs]
+    return INTERRUPTED if INTERRUPTED in codes else 0

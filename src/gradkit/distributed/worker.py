@@ -1,0 +1,46 @@
+"""Entry point of one worker process started by the launcher: ``python -m gradkit.distributed.worker SPEC``.
+
+``SPEC`` is the run's configuration as JSON. Errors are printed as one line naming the rank, like the
+CLI does; the exit code is the CLI's (2 bad input, 1 failure, 130 interrupted).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from gradkit.config import TrainConfig
+from gradkit.errors import GradkitError
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m gradkit.distributed.worker SPEC.json (started by gradkit train --workers)",
+              file=sys.stderr)
+        return 2
+    config = TrainConfig.from_dict(json.loads(Path(argv[0]).read_text()))
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(format="%(message)s", stream=sys.stderr,
+                        level=logging.INFO if rank == 0 else logging.WARNING)
+    from gradkit.distributed.run import train_worker  # after logging: importing torch takes a while
+
+    try:
+        train_worker(config)
+    except GradkitError as exc:
+        if exc.exit_code == 130:
+            if rank == 0:
+                print(f"gradkit train: {exc}", file=sys.stderr)
+        else:
+            print(f"gradkit train: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
