@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import operator
@@ -44,6 +45,7 @@ def split(
     sizes: Sequence[int] | None = None,
     balance: str = "time",
     sample: torch.Tensor | None = None,
+    method: str | None = None,
 ) -> list[nn.Sequential]:
     """Split ``model`` into stages of consecutive blocks that share the model's modules.
 
@@ -58,12 +60,18 @@ def split(
             ``"count"`` blocks, ``"params"`` parameter elements, ``"time"`` forward+backward time
             profiled on ``sample`` (see :func:`profile_blocks`).
         sample: an input batch for the whole model; needed by ``balance="time"``.
+        method: with ``balance="time"``, the pipelined method the stages will run (``"fr"``,
+            ``"ddg"``, ``"dni"`` or ``"bp"``): the cut then minimises that method's predicted step
+            time, e.g. FR's earlier stages pay an extra replay forward (see
+            :func:`gradkit.distributed.cost_model.balanced_sizes`, default link speed). ``None``
+            (default) balances plain forward+backward time.
 
     Returns:
         ``k`` (or ``len(sizes)``) ``nn.Sequential`` stages; chaining them computes ``model``.
 
     Raises:
-        ConfigError: bad ``k``/``sizes``/``balance``, or ``balance="time"`` without ``sample``.
+        ConfigError: bad ``k``/``sizes``/``balance``/``method``, ``balance="time"`` without
+            ``sample``, or ``method`` with a balance other than ``"time"``.
 
     Example:
         >>> stages = split(model, 2, balance="params")
@@ -89,8 +97,11 @@ def split(
     else:
         assert k is not None
         k = _check_k(k, n)
-        sizes = partition(_costs(model, balance, sample), k)
-        logger.debug("split %d blocks into %s by %s", n, sizes, balance)
+        if method is None:
+            sizes = partition(_costs(model, balance, sample), k)
+        else:
+            sizes = _method_sizes(model, k, balance, sample, method)
+        logger.debug("split %d blocks into %s by %s (method %s)", n, sizes, balance, method)
 
     names = list(model._modules)
     stages: list[nn.Sequential] = []
@@ -105,40 +116,61 @@ def split(
     return stages
 
 
-def partition(costs: Sequence[float], k: int) -> list[int]:
-    """Sizes of ``k`` non-empty contiguous groups of ``costs`` minimising the largest group's sum.
+def partition(
+    costs: Sequence[float],
+    k: int,
+    *,
+    last_costs: Sequence[float] | None = None,
+    cut_costs: Sequence[float] | None = None,
+) -> list[int]:
+    """Sizes of ``k`` non-empty contiguous groups of ``costs`` minimising the largest group's cost.
 
-    Exact dynamic programme, O(k n^2) for n costs. Among the partitions with the smallest maximum it
-    returns the one with the smallest sum of squared group costs (the most even overall), and among
-    those the one with the largest earliest groups.
+    A group's cost is the sum of its blocks' ``costs``. Two optional terms generalise it for pipeline
+    schedules whose stages do not all work alike (Features Replay's last stage skips the replay
+    forward, and every stage pays for the messages at its boundaries):
+
+    - ``last_costs``: the per-block costs used instead of ``costs`` for the *last* group;
+    - ``cut_costs[i]``: added to both groups next to a cut between block ``i`` and block ``i + 1``.
+
+    Without them the result is exactly the plain partition. Exact dynamic programme, O(k n^2) for n
+    costs. Among the partitions with the smallest maximum it returns the one with the smallest sum of
+    squared group costs (the most even overall), and among those the one with the largest earliest
+    groups.
 
     Args:
         costs: non-negative, finite cost of each block.
         k: number of groups, ``1 <= k <= len(costs)``.
+        last_costs: optional non-negative cost of each block when it is in the last group.
+        cut_costs: optional non-negative cost of each of the ``len(costs) - 1`` possible cuts.
 
     Returns:
         Group sizes, each >= 1, summing to ``len(costs)``.
 
     Raises:
-        ConfigError: ``k`` out of range, or a cost negative or not finite.
+        ConfigError: ``k`` out of range, a cost negative or not finite, or an optional cost list of
+            the wrong length.
 
     Example:
         >>> partition([1, 1, 1, 10], 2)
         [3, 1]
+        >>> partition([1, 1, 1, 1], 2, last_costs=[0.5] * 4)  # the last group is cheaper per block
+        [1, 3]
     """
-    values = [float(c) for c in costs]
+    values = _check_costs("costs", costs, None)
     n = len(values)
     k = _check_k(k, n)
-    bad = [c for c in values if not math.isfinite(c) or c < 0]
-    if bad:
-        raise ConfigError(f"costs must be finite and >= 0, got {bad[0]!r}; pass one cost per block")
-    prefix = [0.0]
-    for c in values:
-        prefix.append(prefix[-1] + c)
+    last = values if last_costs is None else _check_costs("last_costs", last_costs, n)
+    cuts = None if cut_costs is None else _check_costs("cut_costs", cut_costs, max(n - 1, 0))
+    prefix = list(itertools.accumulate(values, initial=0.0))
+    last_prefix = prefix if last_costs is None else list(itertools.accumulate(last, initial=0.0))
 
-    def cost(i: int, j: int) -> float:
+    def cost(i: int, e: int) -> float:
         # Always the same expression, so the bound found below compares exactly with it.
-        return prefix[j] - prefix[i]
+        c = (last_prefix[e] - last_prefix[i]) if e == n else (prefix[e] - prefix[i])
+        if cuts is not None:
+            # A stage pays for the message at each of its cuts (the one below and the one above).
+            c += (cuts[i - 1] if i > 0 else 0.0) + (cuts[e - 1] if e < n else 0.0)
+        return c
 
     # best[j][i]: smallest possible maximum when blocks i..n-1 form j groups.
     inf = math.inf
@@ -171,6 +203,18 @@ def partition(costs: Sequence[float], k: int) -> list[int]:
     return sizes
 
 
+def _check_costs(name: str, costs: Sequence[float], n: int | None) -> list[float]:
+    values = [float(c) for c in costs]
+    if n is not None and len(values) != n:
+        raise ConfigError(f"{name} has {len(values)} entries, need {n} (one per block or cut)")
+    bad = [c for c in values if not math.isfinite(c) or c < 0]
+    if bad:
+        raise ConfigError(
+            f"{name} must be finite and >= 0, got {bad[0]!r}; pass one cost per block"
+        )
+    return values
+
+
 def profile_blocks(model: nn.Sequential, sample: torch.Tensor, repeats: int = 3) -> list[float]:
     """Median forward+backward time in seconds of each block of ``model`` on ``sample``.
 
@@ -179,6 +223,7 @@ def profile_blocks(model: nn.Sequential, sample: torch.Tensor, repeats: int = 3)
     ``torch.autograd.grad``, so no ``.grad`` is written. Afterwards the model is as before: buffers
     (BatchNorm running statistics) are restored, each module's train/eval mode too, and the global
     random state, so dropout draws made here do not change a later run.
+    (:func:`gradkit.distributed.cost_model.profile_block_costs` gives forward and backward apart.)
 
     Args:
         model: an ``nn.Sequential`` whose blocks each return one tensor.
@@ -190,6 +235,18 @@ def profile_blocks(model: nn.Sequential, sample: torch.Tensor, repeats: int = 3)
 
     Raises:
         ConfigError: ``repeats < 1``, or a block does not return a tensor.
+    """
+    return [forward + backward for forward, backward, _ in measure_blocks(model, sample, repeats)]
+
+
+def measure_blocks(
+    model: nn.Sequential, sample: torch.Tensor, repeats: int = 3
+) -> list[tuple[float, float, int]]:
+    """``(forward_s, backward_s, output_bytes)`` of each block; the shared core of the profilers.
+
+    Same procedure and guarantees as :func:`profile_blocks` (which sums the two times): median of
+    ``repeats`` timed calls after a warm-up, and the model, its buffers and the random state are left
+    as they were.
     """
     if repeats < 1:
         raise ConfigError(f"repeats must be >= 1, got {repeats}")
@@ -214,8 +271,10 @@ def profile_blocks(model: nn.Sequential, sample: torch.Tensor, repeats: int = 3)
             m.training = training
 
 
-def _profile(model: nn.Sequential, sample: torch.Tensor, repeats: int) -> list[float]:
-    times: list[float] = []
+def _profile(
+    model: nn.Sequential, sample: torch.Tensor, repeats: int
+) -> list[tuple[float, float, int]]:
+    results: list[tuple[float, float, int]] = []
     x = sample.detach()
     for index, (name, block) in enumerate(model.named_children()):
         # The model's input needs no gradient; every later block must also produce its input's
@@ -224,7 +283,8 @@ def _profile(model: nn.Sequential, sample: torch.Tensor, repeats: int) -> list[f
             x = x.detach().requires_grad_(True)
         params = [p for p in block.parameters() if p.requires_grad]
         inputs = ([x] if x.requires_grad else []) + params
-        samples = []
+        forwards: list[float] = []
+        backwards: list[float] = []
         for r in range(repeats + 1):
             _sync(x)
             start = time.perf_counter()
@@ -234,14 +294,19 @@ def _profile(model: nn.Sequential, sample: torch.Tensor, repeats: int) -> list[f
                     f"block {name!r} returned {type(y).__name__}, not a tensor; "
                     "profile_blocks needs one tensor per block: use balance='params' or sizes="
                 )
+            _sync(y)
+            middle = time.perf_counter()
             if inputs and y.requires_grad:
                 torch.autograd.grad(y, inputs, torch.ones_like(y), allow_unused=True)
             _sync(y)
             if r > 0:  # the first call pays one-off allocation and kernel selection costs
-                samples.append(time.perf_counter() - start)
-        times.append(statistics.median(samples))
+                forwards.append(middle - start)
+                backwards.append(time.perf_counter() - middle)
+        # The output is what a pipeline sends up at a cut after this block (and the δ it gets back).
+        output_bytes = y.numel() * y.element_size()
+        results.append((statistics.median(forwards), statistics.median(backwards), output_bytes))
         x = y.detach()
-    return times
+    return results
 
 
 def _sync(t: torch.Tensor) -> None:
@@ -262,6 +327,26 @@ def _costs(model: nn.Sequential, balance: str, sample: torch.Tensor | None) -> l
             )
         return profile_blocks(model, sample)
     raise ConfigError(f"unknown balance {balance!r}; use one of: {', '.join(BALANCES)}")
+
+
+def _method_sizes(
+    model: nn.Sequential, k: int, balance: str, sample: torch.Tensor | None, method: str
+) -> list[int]:
+    # Imported here: the cost model builds on this module (its profiler and partition).
+    from gradkit.distributed import cost_model
+
+    cost_model.check_method(method)
+    if balance != "time":
+        raise ConfigError(
+            f"method={method!r} balances by the method's predicted step time, which needs "
+            f"balance='time' (got {balance!r}); use balance='time' with sample=, or drop method="
+        )
+    if sample is None:
+        raise ConfigError(
+            f"method={method!r} profiles each block on an input batch: pass sample=<a batch of "
+            "inputs>, or drop method= and use balance='params' (or 'count')"
+        )
+    return cost_model.balanced_sizes(cost_model.profile_block_costs(model, sample), k, method)
 
 
 def _as_int(value: object) -> int | None:

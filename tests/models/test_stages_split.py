@@ -297,3 +297,108 @@ def test_profiling_a_tuple_block_raises_and_restores() -> None:
         profile_blocks(model, torch.randn(8, 4) + 3)
     assert torch.equal(model[0].running_mean, before)
     assert int(model[0].num_batches_tracked) == 0
+
+
+# --- partition with a separate last group and cut costs; split(method=...) ----------------------
+
+
+def test_partition_without_the_new_terms_is_unchanged() -> None:
+    rng = random.Random(3)
+    for _ in range(100):
+        n = rng.randint(1, 9)
+        k = rng.randint(1, n)
+        costs = [rng.random() * 10 for _ in range(n)]
+        plain = partition(costs, k)
+        assert partition(costs, k, last_costs=None, cut_costs=None) == plain
+        assert partition(costs, k, last_costs=costs) == plain
+        assert partition(costs, k, cut_costs=[0.0] * (n - 1)) == plain
+
+
+def _brute_force_general(costs: list[float], last: list[float], cuts: list[float], k: int) -> float:
+    n, best = len(costs), float("inf")
+    for chosen in itertools.combinations(range(1, n), k - 1):
+        bounds = (0, *chosen, n)
+        worst = 0.0
+        for a, b in itertools.pairwise(bounds):
+            c = sum((last if b == n else costs)[a:b])
+            c += (cuts[a - 1] if a > 0 else 0.0) + (cuts[b - 1] if b < n else 0.0)
+            worst = max(worst, c)
+        best = min(best, worst)
+    return best
+
+
+def test_partition_with_last_and_cut_costs_is_optimal_against_brute_force() -> None:
+    rng = random.Random(4)
+    for _ in range(200):
+        n = rng.randint(1, 8)
+        k = rng.randint(1, n)
+        costs = [float(rng.randint(0, 20)) for _ in range(n)]  # integers: exact sums
+        last = [float(rng.randint(0, 20)) for _ in range(n)]
+        cuts = [float(rng.randint(0, 6)) for _ in range(n - 1)]
+        sizes = partition(costs, k, last_costs=last, cut_costs=cuts)
+        assert len(sizes) == k and min(sizes) >= 1 and sum(sizes) == n
+        bounds = list(itertools.accumulate([0, *sizes]))
+        worst = max(
+            sum((last if b == n else costs)[a:b])
+            + (cuts[a - 1] if a > 0 else 0.0)
+            + (cuts[b - 1] if b < n else 0.0)
+            for a, b in itertools.pairwise(bounds)
+        )
+        assert worst == _brute_force_general(costs, last, cuts, k), (costs, last, cuts, k)
+
+
+def test_partition_checks_the_new_cost_lists() -> None:
+    with pytest.raises(ConfigError, match="last_costs has 1 entries, need 2"):
+        partition([1.0, 2.0], 1, last_costs=[1.0])
+    with pytest.raises(ConfigError, match="cut_costs has 2 entries, need 1"):
+        partition([1.0, 2.0], 1, cut_costs=[1.0, 1.0])
+    with pytest.raises(ConfigError, match="cut_costs must be finite and >= 0"):
+        partition([1.0, 2.0], 2, cut_costs=[-1.0])
+
+
+def _fake_measure(monkeypatch: pytest.MonkeyPatch, parts: list[tuple[float, float, int]]) -> None:
+    """Deterministic block timings for both profilers (they share ``measure_blocks``)."""
+    import gradkit.distributed.cost_model as cost_model
+    import gradkit.stages as stages_module
+
+    def fake(model: nn.Sequential, sample: torch.Tensor, repeats: int = 3) -> list:
+        assert len(parts) == len(model)
+        return list(parts)
+
+    monkeypatch.setattr(stages_module, "measure_blocks", fake)
+    monkeypatch.setattr(cost_model, "measure_blocks", fake)
+
+
+def test_split_method_none_is_todays_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = linear_chain([4] * 11)
+    sample = torch.randn(2, 4)
+    _fake_measure(monkeypatch, [(2.0, 2.0, 16)] * 10)
+    for balance in ("count", "params", "time"):
+        plain = [len(s) for s in split(model, 2, balance=balance, sample=sample)]
+        assert [
+            len(s) for s in split(model, 2, balance=balance, sample=sample, method=None)
+        ] == plain
+    assert plain == partition([4.0] * 10, 2) == [5, 5]
+
+
+def test_split_method_fr_pays_the_replay_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gradkit.distributed.cost_model import balanced_sizes, profile_block_costs
+
+    model = linear_chain([4] * 11)
+    sample = torch.randn(2, 4)
+    # 2 s forward, 2 s backward, tiny messages: FR's early stage costs 6 s a block, the last 4 s.
+    _fake_measure(monkeypatch, [(2.0, 2.0, 16)] * 10)
+    sizes = [len(s) for s in split(model, 2, sample=sample, method="fr")]
+    assert sizes == [4, 6]
+    assert sizes == balanced_sizes(profile_block_costs(model, sample), 2, "fr")
+    assert [len(s) for s in split(model, 2, sample=sample, method="ddg")] == [5, 5]
+
+
+def test_split_method_errors() -> None:
+    model = linear_chain([4, 4, 4, 4])
+    with pytest.raises(ConfigError, match="use one of: fr, ddg, dni, bp"):
+        split(model, 2, sample=torch.randn(2, 4), method="gpipe")
+    with pytest.raises(ConfigError, match="needs balance='time'"):
+        split(model, 2, balance="count", method="fr")
+    with pytest.raises(ConfigError, match="pass sample="):
+        split(model, 2, method="fr")
