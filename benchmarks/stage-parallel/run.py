@@ -279,8 +279,11 @@ def benchmark(args: argparse.Namespace, profile: Profile) -> str | None:
             "data": profile.data, "command": shlex.join(cmd), "rc": rc, "wall_seconds": wall,
             "cpu_seconds": cpu, "load_before": load_before, "load_after": load_after,
             "machine": info, "run_dir": str(folder),
-            **summarise_metrics(folder, threshold),
         }
+        try:
+            row.update(summarise_metrics(folder, threshold))
+        except (KeyError, TypeError, ValueError) as exc:  # an unexpected metrics.jsonl: keep the row
+            row.update(epochs_done=0, metrics_error=f"{type(exc).__name__}: {exc}")
         if rc != 0:
             row["error"] = tail
         with RESULTS.open("a") as f:
