@@ -459,11 +459,16 @@ def _launch_workers(config: TrainConfig) -> RunResult:
     from gradkit.distributed.launch import launch
 
     code = launch(config, config.workers or 1)
+    # The workers printed what happened (one line each): the CLI does not repeat it.
+    error: GradkitError | None = None
     if code == RunInterrupted.exit_code:
-        raise RunInterrupted(f"interrupted; the checkpoint in {config.out} is kept; continue with --resume")
-    if code != 0:
-        raise WorkerFailed(f"a worker failed (exit code {code}); see its message above; "
-                           f"the last good checkpoint in {config.out} is kept")
+        error = RunInterrupted(f"interrupted; the checkpoint in {config.out} is kept; continue with --resume")
+    elif code != 0:
+        error = WorkerFailed(f"a worker failed (exit code {code}); the last good checkpoint in {config.out} is kept")
+        error.exit_code = code
+    if error is not None:
+        error.already_reported = True  # type: ignore[attr-defined]
+        raise error
     out = config.out_path
     assert out is not None
     history = [json.loads(line) for line in (out / METRICS).read_text().splitlines() if line.strip()]

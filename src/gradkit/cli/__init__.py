@@ -57,7 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GradkitError as exc:
         # Ctrl-C is not an error; its message already says what was saved.
         kind = "" if exc.exit_code == 130 else "error: "
-        print(f"gradkit {args.command}: {kind}{exc}", file=sys.stderr)
+        if not getattr(exc, "already_reported", False):  # worker processes print their own line
+            print(f"gradkit {args.command}: {kind}{exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"gradkit {args.command}: interrupted", file=sys.stderr)

@@ -27,7 +27,7 @@ from gradkit.distributed.run import check_config, default_threads
 
 __all__ = ["GRACE_S", "launch"]
 
-GRACE_S = 45.0
+GRACE_S = 10.0
 """Seconds the surviving workers get to stop by themselves after one failed, before they are killed."""
 INTERRUPTED = 130
 

@@ -406,6 +406,27 @@ class _DistributedRun:
         raise RunInterrupted(f"interrupted at {where}; checkpoint saved to {self.out}; continue with --resume")
 
 
+class PeerFailed(GradkitError):
+    """Another rank failed, so this one stopped."""
+
+    exit_code = 1
+
+
+def _peer_failure(ctx: DistContext, wait_s: float = 3.0) -> dict[str, Any] | None:
+    """The failure another rank (or the launcher, for a killed rank) reports within ``wait_s``."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            failure = ctx.watchdog.failure()
+        except Exception:  # the store is gone too
+            return None
+        if failure is not None and failure["rank"] != ctx.rank:
+            return failure
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.1)
+
+
 def train_worker(config: TrainConfig, *, on_step: StepCallback | None = None) -> RunResult:
     """Run this process's rank of a multi-process run (started by torchrun or the launcher).
 
@@ -421,6 +442,11 @@ def train_worker(config: TrainConfig, *, on_step: StepCallback | None = None) ->
         ctx.close()
         raise
     except BaseException as exc:
+        if not isinstance(exc, GradkitError | KeyboardInterrupt):
+            # A lost connection is the symptom, not the cause: name the rank that failed first.
+            peer = _peer_failure(ctx)
+            if peer is not None:
+                raise PeerFailed(f"rank {ctx.rank}: stopping: rank {peer['rank']} failed: {peer['message']}") from None
         reason = str(exc) if isinstance(exc, GradkitError) else f"{type(exc).__name__}: {exc}"
         ctx.watchdog.fail(reason)
         if isinstance(exc, GradkitError):  # the CLI prints it as one line; say which rank

@@ -102,5 +102,5 @@ class Watchdog:
     def _exit(self, reason: str) -> None:
         if self._stop.is_set():
             return
-        print(f"gradkit: rank {self.rank}: stopping: {reason}", file=sys.stderr, flush=True)
+        print(f"gradkit train: error: rank {self.rank}: stopping: {reason}", file=sys.stderr, flush=True)
         os._exit(FAILED_EXIT_CODE)

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         train_worker(config)
     except GradkitError as exc:
         if exc.exit_code == 130:
-            if rank == 0:
+            if rank == 0:  # every rank stopped at the same step; one line is enough
                 print(f"gradkit train: {exc}", file=sys.stderr)
         else:
             print(f"gradkit train: error: {exc}", file=sys.stderr)
