@@ -95,10 +95,18 @@ class Method:
     args: tuple[str, ...]
 
 
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 1024 * 1024), "MALLOC_TRIM_THRESHOLD_": str(1024 * 1024 * 1024)}
+
+MANUAL_SIZES = {"resnet20": "4,7"}
+"""Hand-picked 2-stage splits (``fr-w2-manual``): the fastest of a sweep on the 2-core machine, where the
+cost model's profiled split ([3, 8] for ResNet-20) under-estimates how much the last stage slows when
+both processes run."""
+
+
 def methods_for(k: int, worker_threads: int | None) -> dict[str, Method]:
     wt = ("--threads", str(worker_threads)) if worker_threads else ()
     wt_text = f"{worker_threads} thread(s) each" if worker_threads else "default threads (cores / K)"
-    pipe = ("--stages", str(k), "--workers", str(k), *wt)
+    pipe = ("--stages", str(k), "--workers", str(k), "--balance", "time", *wt)
     specs = [
         Method("bp-t1", "backprop, 1 process x 1 thread", "gradkit", ("--method", "bp", "--threads", "1")),
         Method(f"bp-t{k}", f"backprop, 1 process x {k} threads", "gradkit",
@@ -109,6 +117,8 @@ def methods_for(k: int, worker_threads: int | None) -> dict[str, Method]:
                ("--method", "bp", *pipe)),
         Method(f"fr-w{k}", f"Features Replay, {k} stages, {k} processes, {wt_text}", "gradkit",
                ("--method", "fr", *pipe)),
+        Method(f"fr-w{k}-manual", f"Features Replay, {k} processes, hand-picked split (MANUAL_SIZES)", "gradkit",
+               ("--method", "fr", *pipe)),
         Method(f"ddg-w{k}", f"DDG, {k} stages, {k} processes, {wt_text}", "gradkit",
                ("--method", "ddg", *pipe)),
         Method(f"dni-w{k}", f"DNI, {k} stages, {k} processes, {wt_text}", "gradkit",
@@ -118,7 +128,7 @@ def methods_for(k: int, worker_threads: int | None) -> dict[str, Method]:
 
 
 def default_methods(k: int) -> list[str]:
-    return ["bp-t1", f"bp-t{k}", f"ddp-p{k}", f"bp-w{k}", f"fr-w{k}", f"ddg-w{k}"]
+    return ["bp-t1", f"bp-t{k}", f"ddp-p{k}", f"bp-w{k}", f"fr-w{k}", f"fr-w{k}-manual", f"ddg-w{k}"]
 
 
 def command(method: Method, model: str, profile: Profile, epochs: int, folder: Path,
@@ -128,6 +138,10 @@ def command(method: Method, model: str, profile: Profile, epochs: int, folder: P
         common += ["--limit-train", str(profile.limit_train)]
     if profile.limit_test:
         common += ["--limit-test", str(profile.limit_test)]
+    if method.key.endswith("-manual"):
+        if model not in MANUAL_SIZES:
+            return []
+        common += ["--stage-sizes", MANUAL_SIZES[model]]
     if method.kind == "ddp":
         return [sys.executable, str(HERE / "ddp.py"), *method.args, *common, *extra]
     return [sys.executable, "-m", "gradkit", "train", *method.args, *common, "--no-progress", *extra]
@@ -162,6 +176,9 @@ def machine() -> dict[str, Any]:
 def child_env() -> dict[str, str]:
     env = dict(os.environ)
     env["OMP_WAIT_POLICY"] = "PASSIVE"
+    # Every row keeps freed heap memory, as gradkit's stage workers do (gradkit.distributed.context.
+    # keep_freed_memory): page faults on re-allocated activations would otherwise slow multi-process rows.
+    env.update(MALLOC_ENV)
     env["PYTHONUNBUFFERED"] = "1"
     src = str(ROOT / "src")
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -257,7 +274,8 @@ def benchmark(args: argparse.Namespace, profile: Profile) -> str | None:
         for r, _pos, model, key in runs:
             folder = base / model / f"{key}-r{r}"
             print(f"# repeat {r + 1}/{repeats}, {model}, {key}: {specs[key].what}")
-            print("OMP_WAIT_POLICY=PASSIVE " + shlex.join(command(specs[key], model, profile, epochs, folder, extra)))
+            cmd = command(specs[key], model, profile, epochs, folder, extra)
+            print("OMP_WAIT_POLICY=PASSIVE " + shlex.join(cmd) if cmd else "# (no hand-picked split for this model)")
         return None
     info = machine()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -266,6 +284,8 @@ def benchmark(args: argparse.Namespace, profile: Profile) -> str | None:
         method = specs[key]
         folder = base / model / f"{key}-r{r}"
         cmd = command(method, model, profile, epochs, folder, extra)
+        if not cmd:  # e.g. a hand-picked split this model has none of
+            continue
         load_before = os.getloadavg()
         print(f"[{n}/{len(runs)}] {model} {key} (repeat {r + 1}, load {load_before[0]:.2f}) ...",
               end=" ", file=sys.stderr, flush=True)

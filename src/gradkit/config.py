@@ -43,6 +43,8 @@ class TrainConfig:
     """Number of pipeline stages K the model is split into."""
     balance: str = "params"
     """How stages are balanced: ``time`` (profiled), ``params`` or ``count``."""
+    stage_sizes: tuple[int, ...] | None = None
+    """Blocks per stage, e.g. ``(4, 7)``; overrides ``balance`` (its length must equal ``stages``)."""
     method_options: dict[str, Any] = field(default_factory=dict)
     """Method-specific options, passed to the method's constructor."""
     activations: str = "exact"
@@ -117,6 +119,15 @@ class TrainConfig:
         if self.resume and self.out is None:
             raise ConfigError("--resume needs --out, the folder of the run to continue")
         self.milestones = tuple(int(m) for m in self.milestones)
+        if self.stage_sizes is not None:
+            self.stage_sizes = tuple(int(v) for v in self.stage_sizes)
+            if self.stages == 1:  # --stage-sizes 4,7 alone means two stages
+                self.stages = len(self.stage_sizes)
+            if len(self.stage_sizes) != self.stages or min(self.stage_sizes) < 1:
+                raise ConfigError(
+                    f"--stage-sizes {','.join(map(str, self.stage_sizes))} must give {self.stages} positive "
+                    f"block counts, one per stage (--stages {self.stages})"
+                )
         # Building these validates momentum, weight decay and milestones now, not mid-run.
         self.optimizer_config()
         self.lr_schedule()
@@ -151,6 +162,7 @@ class TrainConfig:
         """Plain-data form, for ``config.json`` and checkpoints."""
         d = dataclasses.asdict(self)
         d["milestones"] = list(self.milestones)
+        d["stage_sizes"] = list(self.stage_sizes) if self.stage_sizes is not None else None
         return d
 
     @classmethod
@@ -160,6 +172,8 @@ class TrainConfig:
         kwargs = {k: v for k, v in d.items() if k in names}
         if "milestones" in kwargs:
             kwargs["milestones"] = tuple(kwargs["milestones"])
+        if kwargs.get("stage_sizes") is not None:
+            kwargs["stage_sizes"] = tuple(kwargs["stage_sizes"])
         return cls(**kwargs)
 
     def resume_conflicts(self, saved: TrainConfig) -> list[str]:

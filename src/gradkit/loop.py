@@ -42,7 +42,10 @@ from gradkit.errors import ConfigError, GradkitError, TrainingDiverged
 from gradkit.memory import MemoryReport, measure_step
 from gradkit.methods import Method
 from gradkit.models import build_model
-from gradkit.stages import split
+from gradkit.stages import check_stage_sizes, split
+
+PIPELINED = ("fr", "ddg", "dni")
+"""Methods whose time-balanced split follows their pipeline cost model (gradkit.distributed.cost_model)."""
 
 __all__ = ["train", "evaluate", "RunResult", "RunInterrupted", "StepCallback", "WorkerFailed"]
 
@@ -267,13 +270,18 @@ class _Run:
             raise ConfigError(
                 f"--stages {k} is more than the {blocks} blocks of {self.config.model}; use --stages <= {blocks}"
             )
+        if self.config.stage_sizes:
+            return check_stage_sizes(self.config, blocks)
         if k == 1:
             return [blocks]
         sample = None
         if self.config.balance == "time":
             x, _ = next(iter(self.train_loader.epoch(0)))
             sample = x
-        stages = split(self.model, k, balance=self.config.balance, sample=sample)
+        # With time balancing, a pipelined method's cost model picks the cut (FR's early stages
+        # pay an extra replay forward); other methods balance plain forward+backward time.
+        method = self.config.method if sample is not None and self.config.method in PIPELINED else None
+        stages = split(self.model, k, balance=self.config.balance, sample=sample, method=method)
         return [len(s) for s in stages]
 
     def _restore(self, saved: dict[str, Any]) -> None:

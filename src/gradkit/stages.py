@@ -24,6 +24,7 @@ import operator
 import statistics
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -391,5 +392,20 @@ def _check_sizes(sizes: Sequence[int], n: int) -> list[int]:
     if sum(sizes) != n:
         raise ConfigError(
             f"sizes {sizes} sum to {sum(sizes)} but the model has {n} blocks; make them sum to {n}"
+        )
+    return sizes
+
+
+def check_stage_sizes(config: Any, blocks: int) -> list[int]:
+    """``config.stage_sizes`` as a list, checked against the model's ``blocks``.
+
+    Raises:
+        ConfigError: the sizes do not add up to the number of blocks.
+    """
+    sizes = list(config.stage_sizes)
+    if sum(sizes) != blocks:
+        raise ConfigError(
+            f"--stage-sizes {','.join(map(str, sizes))} adds up to {sum(sizes)} blocks but {config.model} "
+            f"has {blocks}; give block counts that sum to {blocks}"
         )
     return sizes

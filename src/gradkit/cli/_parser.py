@@ -59,6 +59,13 @@ def _option_value(text: str) -> object:
     return text
 
 
+def _block_counts(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated block counts like 4,7, got {text!r}") from None
+
+
 def _method_option(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     key = key.strip().replace("-", "_")
@@ -85,6 +92,8 @@ def add_training_args(parser: argparse.ArgumentParser, *, single_method: bool = 
                       help="split the model into K pipeline stages (default: 1)")
     what.add_argument("--balance", default=_DEFAULTS.balance, choices=BALANCES,
                       help="how stages are balanced (default: %(default)s)")
+    what.add_argument("--stage-sizes", type=_block_counts, metavar="N1,N2,...",
+                      help="blocks per stage, e.g. 4,7 (overrides --balance; one number per stage)")
     what.add_argument("-o", "--option", dest="method_options", type=_method_option, action="append",
                       default=[], metavar="KEY=VALUE",
                       help="a method-specific option, repeatable (e.g. -o bn_policy=reference); "
@@ -132,6 +141,7 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> TrainConf
         download=args.download,
         stages=args.stages,
         balance=args.balance,
+        stage_sizes=getattr(args, "stage_sizes", None) or None,
         method_options=dict(getattr(args, "method_options", None) or []),
         activations=getattr(args, "activations", "exact"),
         epochs=args.epochs,

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from gradkit.distributed.shm import SharedMemoryLinks
 from gradkit.pipeline.local import Message
 from gradkit.pipeline.schedule import ACTIVATION, DATA, LABEL, Action, Schedule
 from gradkit.pipeline.worker import PipelineError, StageWorker
@@ -37,18 +38,22 @@ MESSAGE_KINDS = (ACTIVATION, "delta", LABEL)
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
            torch.uint8, torch.bool)
-_HEADER = 12  # batch, dtype code, ndim, then up to 9 dimensions
+_MAX_DIMS = 9
+_HEADER = 3 + _MAX_DIMS + 3  # batch, dtype code, ndim, dimensions, then shared-memory generation/slot/sequence
+_INLINE = -1  # slot value of a payload that follows through the process group
 
 IncomingChannel = tuple[str, int]  # (kind, source stage or DATA)
 
 
-def _header(batch: int, tensor: torch.Tensor) -> torch.Tensor:
+def _header(batch: int, tensor: torch.Tensor, shared: tuple[int, int, int] | None) -> torch.Tensor:
     if tensor.dtype not in _DTYPES:
         raise PipelineError(f"cannot send a tensor of dtype {tensor.dtype}; supported: {_DTYPES}")
-    if tensor.dim() > _HEADER - 3:
-        raise PipelineError(f"cannot send a {tensor.dim()}-dimensional tensor (at most {_HEADER - 3})")
-    values = [batch, _DTYPES.index(tensor.dtype), tensor.dim(), *tensor.shape]
-    return torch.tensor(values + [0] * (_HEADER - len(values)), dtype=torch.int64)
+    if tensor.dim() > _MAX_DIMS:
+        raise PipelineError(f"cannot send a {tensor.dim()}-dimensional tensor (at most {_MAX_DIMS})")
+    shape = list(tensor.shape) + [0] * (_MAX_DIMS - tensor.dim())
+    generation, slot, sequence = shared if shared is not None else (0, _INLINE, 0)
+    values = [batch, _DTYPES.index(tensor.dtype), tensor.dim(), *shape, generation, slot, sequence]
+    return torch.tensor(values, dtype=torch.int64)
 
 
 class DistributedExecutor:
@@ -59,10 +64,15 @@ class DistributedExecutor:
         worker: this rank's stage worker.
         groups: one process group per message kind (:data:`MESSAGE_KINDS`), all ranks in each.
         device: where received tensors are placed (the stage's device).
+        shared_memory: mailboxes for peers on this machine (:mod:`gradkit.distributed.shm`), and
+            the ranks they reach; payloads to other ranks go through the process group.
     """
 
     def __init__(self, schedule: Schedule, worker: StageWorker, groups: dict[str, Any],
-                 device: torch.device) -> None:
+                 device: torch.device, *, shared_memory: SharedMemoryLinks | None = None,
+                 local_peers: frozenset[int] = frozenset()) -> None:
+        self.shared_memory = shared_memory if device.type == "cpu" else None
+        self.local_peers = local_peers
         self.schedule = schedule
         self.worker = worker
         self.rank = worker.index
@@ -141,10 +151,14 @@ class DistributedExecutor:
     def _send(self, kind: str, destination: int, batch: int, tensor: torch.Tensor) -> None:
         payload = tensor.detach().contiguous()
         group = self.groups[kind]
-        header = _header(batch, payload).to(self._header_device)
-        # Both buffers must stay alive until the sends complete: keep them with their handles.
+        shared = None
+        if self.shared_memory is not None and destination in self.local_peers:
+            shared = self.shared_memory.write(kind, destination, payload)
+        header = _header(batch, payload, shared).to(self._header_device)
+        # Buffers must stay alive until the sends complete: keep them with their handles.
         self._pending.append((dist.isend(header, destination, group=group), header))
-        self._pending.append((dist.isend(payload, destination, group=group), payload))
+        if shared is None:
+            self._pending.append((dist.isend(payload, destination, group=group), payload))
 
     def _take(self, kind: str, source: int) -> Message:
         channel = (kind, source)
@@ -167,8 +181,15 @@ class DistributedExecutor:
         dist.recv(header, peer, group=group)
         values = header.tolist()
         batch, dtype, ndim = values[0], _DTYPES[values[1]], values[2]
-        payload = torch.empty(values[3 : 3 + ndim], dtype=dtype, device=self.device)
-        dist.recv(payload, peer, group=group)
+        shape = values[3 : 3 + ndim]
+        generation, slot, sequence = values[3 + _MAX_DIMS :]
+        if slot != _INLINE:
+            if self.shared_memory is None:
+                raise PipelineError(f"stage {self.rank} got a shared-memory message but has no mailboxes")
+            payload = self.shared_memory.read(kind, peer, generation, slot, sequence, dtype, shape)
+        else:
+            payload = torch.empty(shape, dtype=dtype, device=self.device)
+            dist.recv(payload, peer, group=group)
         self.received[channel] += 1
         return Message(batch, payload)
 

@@ -17,12 +17,14 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from datetime import timedelta
 
 import torch.distributed as dist
 
 from gradkit.config import TrainConfig
-from gradkit.distributed.context import AGENT_STORE_ENV
+from gradkit.distributed import shm
+from gradkit.distributed.context import AGENT_STORE_ENV, RUN_ID_ENV
 from gradkit.distributed.run import check_config, default_threads
 
 __all__ = ["GRACE_S", "launch"]
@@ -63,11 +65,12 @@ def launch(config: TrainConfig, workers: int) -> int:
     store = dist.TCPStore("127.0.0.1", port, None, is_master=True, wait_for_workers=False,
                           timeout=timedelta(seconds=60))
     threads = config.threads or default_threads(workers)
+    run_id = uuid.uuid4().hex[:12]
     procs = []
     for rank in range(workers):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(workers), LOCAL_RANK=str(rank),
                    LOCAL_WORLD_SIZE=str(workers), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   OMP_NUM_THREADS=str(threads), **{AGENT_STORE_ENV: "1"})
+                   OMP_NUM_THREADS=str(threads), **{AGENT_STORE_ENV: "1", RUN_ID_ENV: run_id})
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning threads steal cores from the other stages
         # A session of its own: a terminal's Ctrl-C reaches the launcher only, which forwards it once.
         procs.append(subprocess.Popen([sys.executable, "-m", "gradkit.distributed.worker", str(spec)],
@@ -107,6 +110,7 @@ def launch(config: TrainConfig, workers: int) -> int:
                 p.kill()
                 p.wait()
         spec.unlink(missing_ok=True)
+        shm.cleanup(run_id)
     if first_failure is not None:
         rank, code = first_failure
         if code < 0:

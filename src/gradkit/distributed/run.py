@@ -25,7 +25,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -57,7 +57,7 @@ from gradkit.loop import (
 from gradkit.methods import PipelineMethod
 from gradkit.methods.synchronous import SynchronousPipeline
 from gradkit.models import build_model
-from gradkit.stages import split
+from gradkit.stages import check_stage_sizes, split
 
 __all__ = ["PIPELINED_METHODS", "train_worker", "default_threads"]
 
@@ -97,7 +97,7 @@ def check_config(config: TrainConfig, world_size: int) -> None:
         raise ConfigError("a multi-process run needs --out, where every rank writes its checkpoint shard")
 
 
-def _build_method(config: TrainConfig, stages: list[torch.nn.Module]) -> PipelineMethod:
+def _build_method(config: TrainConfig, stages: Sequence[torch.nn.Module]) -> PipelineMethod:
     factory = config.optimizer_config().factory()
     if config.method == "bp":
         if config.method_options:
@@ -144,7 +144,8 @@ class _DistributedRun:
 
         # Rank 0 reads the manifest and the data; every rank gets what it needs to build the model.
         setup: dict[str, Any] = {}
-        self.train_loader = self.test_loader = None
+        self.train_loader: BatchLoader | None = None
+        self.test_loader: BatchLoader | None = None
         if ctx.is_first:
             setup = self._load_on_rank_zero()
         setup = self._broadcast(setup)
@@ -160,8 +161,10 @@ class _DistributedRun:
         self.method = _build_method(config, stages)
         self.activations = Activations(self.model, config.activations)
         self.method.prepare(setup["sample"].to(ctx.device))
+        self.shared_memory = ctx.shared_memory()
         self.executor = DistributedExecutor(self.method.schedule, self.method.workers[self.rank],
-                                            ctx.groups, ctx.device)
+                                            ctx.groups, ctx.device, shared_memory=self.shared_memory,
+                                            local_peers=ctx.local_peers)
         self.method.use_executor(self.executor)
 
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
@@ -195,7 +198,7 @@ class _DistributedRun:
                                         train=True, seed=config.seed, device=self.ctx.device)
         self.test_loader = BatchLoader(dataset.test_x, dataset.test_y, info, config.eval_batch_size,
                                        train=False, seed=config.seed, device=self.ctx.device)
-        first, _ = next(iter(self.train_loader.epoch(0)))
+        first, _ = next(iter(self.train_loader.epoch(0)))  # a sample for shapes and time balancing
         return {
             "num_train": len(dataset.train_y),
             "input_shape": tuple(info.input_shape),
@@ -217,11 +220,16 @@ class _DistributedRun:
             raise ConfigError(
                 f"--stages {config.stages} is more than the {blocks} blocks of {config.model}; use --stages <= {blocks}"
             )
+        if config.stage_sizes:
+            return check_stage_sizes(config, blocks)
         sizes = None
         if self.ctx.is_first:
             # Only rank 0 decides (time balancing is measured, so ranks could disagree).
+            # balance="time" uses the method's cost model: FR's early stages pay the replay forward.
+            timed = config.balance == "time"
             stages = split(self.model, config.stages, balance=config.balance,
-                           sample=sample.to(self.ctx.device) if config.balance == "time" else None)
+                           sample=sample.to(self.ctx.device) if timed else None,
+                           method=config.method if timed else None)
             sizes = [len(s) for s in stages]
         return list(self._broadcast(sizes))
 
@@ -278,6 +286,7 @@ class _DistributedRun:
                 self._end_epoch()
         with self.activations:
             self.method.flush()
+        self.executor.wait_sends()
         self._gather_weights()
         if self.ctx.is_first:
             atomic_write(self.out / MODEL, lambda f: torch.save(self.model.state_dict(), f))
@@ -436,8 +445,10 @@ def train_worker(config: TrainConfig, *, on_step: StepCallback | None = None) ->
         RunInterrupted: on every rank, after the agreed stop and checkpoint.
     """
     ctx = join(config.device)
+    run = None
     try:
-        result = _DistributedRun(config, ctx).run(on_step)
+        run = _DistributedRun(config, ctx)
+        result = run.run(on_step)
     except RunInterrupted:
         ctx.close()
         raise
@@ -452,5 +463,8 @@ def train_worker(config: TrainConfig, *, on_step: StepCallback | None = None) ->
         if isinstance(exc, GradkitError):  # the CLI prints it as one line; say which rank
             exc.args = (f"rank {ctx.rank}: {exc}",)
         raise
+    finally:
+        if run is not None and run.shared_memory is not None:
+            run.shared_memory.close()
     ctx.close()
     return result
