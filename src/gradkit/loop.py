@@ -415,6 +415,7 @@ class _Run:
             "test_acc": test_acc,
             "epoch_seconds": seconds,
             "samples_per_second": samples / seconds if seconds > 0 else 0.0,
+            "samples": samples,
             "eval_seconds": time.perf_counter() - eval_start,
             "elapsed_seconds": train_time,
             "lr": self.method.optimizers[0].param_groups[0]["lr"],

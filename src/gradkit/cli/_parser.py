@@ -8,6 +8,7 @@ from typing import NoReturn
 
 from gradkit.config import ACTIVATION_MODES, BALANCES, TrainConfig
 from gradkit.data import DATASETS
+from gradkit.errors import ConfigError
 from gradkit.methods import METHODS
 from gradkit.models import MODELS
 from gradkit.optim import OPTIMIZERS, SCHEDULES
@@ -59,6 +60,10 @@ def _option_value(text: str) -> object:
     return text
 
 
+def _stages(text: str) -> int | str:
+    return "auto" if text.strip().lower() == "auto" else _positive_int(text)
+
+
 def _block_counts(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.split(",") if v.strip())
@@ -88,8 +93,10 @@ def add_training_args(parser: argparse.ArgumentParser, *, single_method: bool = 
     what.add_argument("--download", action="store_true", help="fetch the dataset from its official source if missing")
     what.add_argument("--limit-train", type=_positive_int, metavar="N", help="train on a stratified subset of N samples")
     what.add_argument("--limit-test", type=_positive_int, metavar="N", help="test on a stratified subset of N samples")
-    what.add_argument("--stages", type=_positive_int, default=1, metavar="K",
-                      help="split the model into K pipeline stages (default: 1)")
+    what.add_argument("--stages", type=_stages, default=1, metavar="K",
+                      help="split the model into K pipeline stages (default: 1); with train, 'auto' "
+                           "picks K <= --workers and the split from profiled block costs and prints the "
+                           "predicted speed-up")
     what.add_argument("--balance", default=_DEFAULTS.balance, choices=BALANCES,
                       help="how stages are balanced (default: %(default)s)")
     what.add_argument("--stage-sizes", type=_block_counts, metavar="N1,N2,...",
@@ -164,4 +171,6 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> TrainConf
         measure_direction=getattr(args, "measure_direction", None),
     )
     fields.update(overrides)
-    return TrainConfig(**fields)
+    if fields["stages"] == "auto":
+        raise ConfigError("--stages auto is for gradkit train only; give a number of stages here")
+    return TrainConfig(**fields)  # type: ignore[arg-type]

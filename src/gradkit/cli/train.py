@@ -21,6 +21,9 @@ example:
   gradkit train --method fr --stages 2 --workers 2 --model resnet20 --data cifar10 --out runs/fr2
   torchrun --nproc-per-node 2 -m gradkit train --method fr --stages 2 --model resnet20 --data cifar10 --out runs/fr2
 
+--stages auto --workers 4 profiles the model's blocks and picks K <= 4 and the split with the best
+predicted speed-up over single-process backprop (printed before training starts).
+
 --workers K runs each of the K stages in its own process (fr, ddg, dni, and bp as the synchronous
 pipeline), with cores / K threads each unless --threads says otherwise; under torchrun each rank is
 one stage. See README "Stage-parallel training" for several machines.
@@ -42,7 +45,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
+    if args.stages == "auto":
+        from gradkit.distributed.auto import resolve_auto_stages
+
+        config = resolve_auto_stages(config_from_args(args, stages=1), args.workers)
+    else:
+        config = config_from_args(args)
     result = train(config)
     if int(os.environ.get("RANK", "0")) != 0:  # one rank of a torchrun run: rank 0 reports
         return 0

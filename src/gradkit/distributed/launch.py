@@ -23,9 +23,10 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from gradkit.config import TrainConfig
-from gradkit.distributed import shm
+from gradkit.distributed import shards, shm
 from gradkit.distributed.context import AGENT_STORE_ENV, RUN_ID_ENV
 from gradkit.distributed.run import check_config, default_threads
+from gradkit.errors import ConfigError
 
 __all__ = ["GRACE_S", "launch"]
 
@@ -58,6 +59,10 @@ def launch(config: TrainConfig, workers: int) -> int:
     check_config(config, workers)  # one-line errors before any process starts
     assert config.out_path is not None
     out = config.out_path
+    if not config.resume and shards.has_checkpoint(out):
+        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if config.resume:
+        shards.read_manifest(out)  # a missing or unreadable checkpoint is reported before any worker starts
     out.mkdir(parents=True, exist_ok=True)
     spec = out / "launch.json"
     spec.write_text(json.dumps(config.to_dict(), indent=2))
