@@ -203,3 +203,16 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_is_exact(uninterrupted: Path, tmp_
     done = _gradkit(["train", *LONG, "--out", str(out), "--resume"])
     assert done.returncode == 0, done.stderr
     _assert_same_run(uninterrupted, out)
+
+
+def test_stages_auto_prints_its_choice_and_trains_with_it(tmp_path: Path) -> None:
+    out = tmp_path / "auto"
+    done = _gradkit(["train", "--method", "fr", "--stages", "auto", "--workers", "2", "--epochs", "1", *COMMON,
+                     "--out", str(out)])
+    assert done.returncode == 0, done.stderr
+    first = done.stdout.splitlines()[0]
+    assert first.startswith("fr with up to 2 workers: K=") and "predicted step" in done.stdout
+    chosen = int(first.split("K=")[1].split()[0])
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["stages"] == chosen and len(saved["stage_sizes"]) == chosen
+    assert _history(out)[-1]["samples"] == 600

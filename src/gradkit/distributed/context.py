@@ -91,7 +91,12 @@ def _device(name: str, local_rank: int) -> torch.device:
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {name} asked for CUDA but no GPU is available; use --device cpu")
         if device.index is None:  # one GPU per rank on each machine
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+            if local_rank >= torch.cuda.device_count():
+                raise ConfigError(
+                    f"rank {local_rank} on this machine has no GPU of its own ({torch.cuda.device_count()} "
+                    "visible); use at most one worker per GPU, or --device cpu"
+                )
+            device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     return device
 
