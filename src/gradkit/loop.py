@@ -174,6 +174,25 @@ class _EpochTally:
     def state(self) -> dict[str, Any]:
         return dict(vars(self))
 
+    def record(self, *, epoch: int, test_loss: float, test_acc: float, eval_seconds: float,
+               elapsed_before: float, lr: float, method: str) -> dict[str, Any]:
+        """The metrics.jsonl line of the finished epoch ``epoch`` (1-based)."""
+        seconds, samples = self.seconds, self.samples
+        return {
+            "epoch": epoch,
+            "train_loss": self.loss_sum / max(samples, 1),
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            "epoch_seconds": seconds,
+            "samples_per_second": samples / seconds if seconds > 0 else 0.0,
+            "samples": samples,
+            "eval_seconds": eval_seconds,
+            "elapsed_seconds": elapsed_before + seconds,
+            "lr": lr,
+            "method": method,
+            "train_curve": self.curve,
+        }
+
 
 def _append_metrics(path: Path, record: dict[str, Any]) -> None:
     with path.open("a") as f:
@@ -406,24 +425,13 @@ class _Run:
         eval_start = time.perf_counter()
         test_loss, test_acc = evaluate(self.method, self.test_loader)
         tally = self.tally
-        seconds, samples = tally.seconds, tally.samples
-        train_time = (self.history[-1]["elapsed_seconds"] if self.history else 0.0) + seconds
-        record = {
-            "epoch": self.epoch + 1,
-            "train_loss": tally.loss_sum / max(samples, 1),
-            "test_loss": test_loss,
-            "test_acc": test_acc,
-            "epoch_seconds": seconds,
-            "samples_per_second": samples / seconds if seconds > 0 else 0.0,
-            "samples": samples,
-            "eval_seconds": time.perf_counter() - eval_start,
-            "elapsed_seconds": train_time,
-            "lr": self.method.optimizers[0].param_groups[0]["lr"],
-            "activation_bytes": self.activation_bytes,
-            "stage_memory": self.stage_memory,
-            "method": self.config.method,
-            "train_curve": tally.curve,
-        }
+        record = tally.record(
+            epoch=self.epoch + 1, test_loss=test_loss, test_acc=test_acc,
+            eval_seconds=time.perf_counter() - eval_start,
+            elapsed_before=self.history[-1]["elapsed_seconds"] if self.history else 0.0,
+            lr=self.method.optimizers[0].param_groups[0]["lr"], method=self.config.method,
+        )
+        record.update(activation_bytes=self.activation_bytes, stage_memory=self.stage_memory)
         if self.config.measure_direction is not None:
             sigmas = [d[0] for d in tally.direction]
             cosines = [d[1] for d in tally.direction]
@@ -444,7 +452,7 @@ class _Run:
             _append_metrics(self.out / METRICS, record)
         log.info(
             "epoch %d: train_loss %.4f test_loss %.4f test_acc %.4f (%.1fs)",
-            record["epoch"], record["train_loss"], test_loss, test_acc, seconds,
+            record["epoch"], record["train_loss"], test_loss, test_acc, record["epoch_seconds"],
         )
 
     def _diverged(self, loss: float) -> None:

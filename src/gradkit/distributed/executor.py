@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from gradkit.distributed.shm import SharedMemoryLinks
-from gradkit.pipeline.local import Message
+from gradkit.pipeline.local import Message, execute_action
 from gradkit.pipeline.schedule import ACTIVATION, DATA, LABEL, Action, Schedule
 from gradkit.pipeline.worker import PipelineError, StageWorker
 
@@ -127,21 +127,9 @@ class DistributedExecutor:
                         self._send(kind, stage, action.batch, tensor)
 
     def _execute(self, action: Action) -> None:
-        received = {}
-        for kind, source in action.recv:
-            message = self._take(kind, source)
-            if message.batch != action.batch:
-                where = "the data source" if source == DATA else f"stage {source}"
-                raise PipelineError(
-                    f"stage {self.rank} ({action.op}) expected the {kind} of batch {action.batch} from {where} "
-                    f"but received batch {message.batch}"
-                )
-            received[kind] = message.tensor
-        sent = self.worker.execute(action, received)
-        for kind, destination in action.send:
-            if kind not in sent:
-                raise PipelineError(f"stage {self.rank} ({action.op} {action.batch}) did not produce its {kind}")
-            self._send(kind, destination, action.batch, sent[kind])
+        received = {kind: self._take(kind, source) for kind, source in action.recv}
+        for kind, destination, tensor in execute_action(self.worker, action, received):
+            self._send(kind, destination, action.batch, tensor)
 
     # -- messages -------------------------------------------------------------------------------------
     @staticmethod

@@ -68,6 +68,7 @@ PIPELINED_METHODS = ("fr", "ddg", "dni", "bp")
 
 _STOP_REQUESTED = "gradkit/stop_requested"
 _STOP_AT = "gradkit/stop_at"
+_REPEAT_S = 3.0
 
 
 def default_threads(local_world_size: int) -> int:
@@ -110,17 +111,24 @@ def _build_method(config: TrainConfig, stages: Sequence[torch.nn.Module]) -> Pip
 
 @contextmanager
 def _stop_signals() -> Iterator[threading.Event]:
-    """SIGINT and SIGTERM set a flag (the loop turns it into an agreed stop); a second one aborts."""
+    """SIGINT and SIGTERM set a flag (the loop turns it into an agreed stop); a later one aborts.
+
+    A second signal within :data:`_REPEAT_S` seconds is the same request arriving twice (a terminal's
+    Ctrl-C reaches every process of a torchrun job, and torchrun forwards it once more), not an abort.
+    """
     stop = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    first: list[float] = []
 
     def handler(signum: int, frame: object) -> None:
-        stop.set()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if not first:
+            first.append(time.monotonic())
+            stop.set()
+        elif time.monotonic() - first[0] > _REPEAT_S:
+            raise KeyboardInterrupt
 
     for s in previous:
         signal.signal(s, handler)
@@ -170,6 +178,9 @@ class _DistributedRun:
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.tally = _EpochTally()
         self.history: list[dict[str, Any]] = []
+        self._stop_posted = False
+        self._stop_at: int | None = None
+        """The global step after which every rank stops (agreed through the store after Ctrl-C)."""
         if setup["resume"] is not None:
             self._restore(setup["resume"])
 
@@ -299,18 +310,18 @@ class _DistributedRun:
     def _should_stop(self, stop: threading.Event) -> bool:
         """Agree on a stop: rank 0 names the step; the others read it before each step."""
         store = self.ctx.store
-        if stop.is_set() and not getattr(self, "_stop_posted", False):
+        if stop.is_set() and not self._stop_posted:
             store.set(_STOP_REQUESTED, str(self.rank))
             self._stop_posted = True
-        if self.ctx.is_first:
-            if not hasattr(self, "_stop_at") and store.check([_STOP_REQUESTED]):
-                # Rank 0 runs step global_step first: peers may already wait inside it.
-                self._stop_at = self.global_step + 1
-                store.set(_STOP_AT, str(self._stop_at))
-            return self.global_step >= getattr(self, "_stop_at", math.inf)
-        if store.check([_STOP_AT]):
-            return self.global_step >= int(store.get(_STOP_AT).decode())
-        return False
+        if self._stop_at is None:
+            if self.ctx.is_first:
+                if store.check([_STOP_REQUESTED]):
+                    # Rank 0 runs this step first: its peers may already be waiting inside it.
+                    self._stop_at = self.global_step + 1
+                    store.set(_STOP_AT, str(self._stop_at))
+            elif store.check([_STOP_AT]):
+                self._stop_at = int(store.get(_STOP_AT).decode())
+        return self._stop_at is not None and self.global_step >= self._stop_at
 
     def _train_epoch(self, schedule: Any, stop: threading.Event, on_step: StepCallback | None) -> None:
         config, epoch, ctx = self.config, self.epoch, self.ctx
@@ -374,24 +385,14 @@ class _DistributedRun:
             assert self.test_loader is not None
             eval_start = time.perf_counter()
             test_loss, test_acc = evaluate(self.method, self.test_loader)
-            seconds, samples = tally.seconds, tally.samples
-            record = {
-                "epoch": self.epoch + 1,
-                "train_loss": tally.loss_sum / max(samples, 1),
-                "test_loss": test_loss,
-                "test_acc": test_acc,
-                "epoch_seconds": seconds,
-                    "samples_per_second": samples / seconds if seconds > 0 else 0.0,
-                "samples": samples,
-                "eval_seconds": time.perf_counter() - eval_start,
-                "elapsed_seconds": (self.history[-1]["elapsed_seconds"] if self.history else 0.0) + seconds,
-                "lr": self.method.optimizers[0].param_groups[0]["lr"],
-                "activation_bytes": None,
-                "stage_memory": None,
-                "method": self.config.method,
-                "workers": self.ctx.world_size,
-                "train_curve": tally.curve,
-            }
+            record = tally.record(
+                epoch=self.epoch + 1, test_loss=test_loss, test_acc=test_acc,
+                eval_seconds=time.perf_counter() - eval_start,
+                elapsed_before=self.history[-1]["elapsed_seconds"] if self.history else 0.0,
+                lr=self.method.optimizers[0].param_groups[0]["lr"], method=self.config.method,
+            )
+            # Activation memory is measured in one process only (gradkit.memory.measure_step).
+            record.update(activation_bytes=None, stage_memory=None, workers=self.ctx.world_size)
         record = self._broadcast(record)
         self.history.append(record)
         self.epoch += 1

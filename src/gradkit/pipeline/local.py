@@ -20,7 +20,7 @@ import torch
 from gradkit.pipeline.schedule import ACTIVATION, DATA, LABEL, Action, Schedule
 from gradkit.pipeline.worker import PipelineError, StageWorker
 
-__all__ = ["Executor", "LocalExecutor", "Message", "TimelineEntry"]
+__all__ = ["Executor", "LocalExecutor", "Message", "TimelineEntry", "execute_action"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,26 @@ class Executor(Protocol):
     def load_state(self, state: list[Any]) -> None: ...
 
     def empty(self) -> bool: ...
+
+
+def execute_action(worker: StageWorker, action: Action,
+                   received: dict[str, Message]) -> list[tuple[str, int, torch.Tensor]]:
+    """Check that every received message is for ``action.batch``, run the action, and return its
+    outgoing messages as (kind, destination, tensor); shared by every executor."""
+    for (kind, source), message in zip(action.recv, received.values(), strict=True):
+        if message.batch != action.batch:
+            where = "the data source" if source == DATA else f"stage {source}"
+            raise PipelineError(
+                f"stage {worker.index} ({action.op}) expected the {kind} of batch {action.batch} from {where} "
+                f"but received batch {message.batch}"
+            )
+    sent = worker.execute(action, {kind: m.tensor for kind, m in received.items()})
+    outgoing = []
+    for kind, destination in action.send:
+        if kind not in sent:
+            raise PipelineError(f"stage {worker.index} ({action.op} {action.batch}) did not produce its {kind}")
+        outgoing.append((kind, destination, sent[kind]))
+    return outgoing
 
 
 class LocalExecutor:
@@ -109,21 +129,10 @@ class LocalExecutor:
         return all(self.channels.get((kind, source, stage)) for kind, source in action.recv)
 
     def _execute(self, step: int, stage: int, action: Action) -> None:
-        received = {}
-        for kind, source in action.recv:
-            message = self.channels[(kind, source, stage)].popleft()
-            if message.batch != action.batch:
-                where = "the data source" if source == DATA else f"stage {source}"
-                raise PipelineError(
-                    f"stage {stage} ({action.op}) expected the {kind} of batch {action.batch} from {where} "
-                    f"but received batch {message.batch}"
-                )
-            received[kind] = message.tensor
-        sent = self.workers[stage].execute(action, received)
-        for kind, destination in action.send:
-            if kind not in sent:
-                raise PipelineError(f"stage {stage} ({action.op} {action.batch}) did not produce its {kind}")
-            self._put((kind, stage, destination), Message(action.batch, sent[kind]))
+        received = {kind: self.channels[(kind, source, stage)].popleft() for kind, source in action.recv}
+        sent = execute_action(self.workers[stage], action, received)
+        for kind, destination, tensor in sent:
+            self._put((kind, stage, destination), Message(action.batch, tensor))
         if self.record_timeline:
             self.timeline.append(TimelineEntry(step, stage, action.op, action.batch))
 
