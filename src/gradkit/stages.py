@@ -196,6 +196,12 @@ def partition(
                 total = c * c + sq[j - 1][e]
                 if total < sq[j][i]:
                     sq[j][i], nxt[j][i] = total, e
+    return sizes_from_cuts(nxt, k)
+
+
+def sizes_from_cuts(nxt: Sequence[Sequence[int]], k: int) -> list[int]:
+    """Group sizes from a partition DP's table: ``nxt[j][i]`` is where the group starting at block
+    ``i`` ends when ``j`` groups remain."""
     sizes, i = [], 0
     for j in range(k, 0, -1):
         e = nxt[j][i]

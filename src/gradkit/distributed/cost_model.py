@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from gradkit.errors import ConfigError
-from gradkit.stages import measure_blocks, partition
+from gradkit.stages import measure_blocks, partition, sizes_from_cuts
 
 __all__ = [
     "DEFAULT_BANDWIDTH",
@@ -365,12 +365,7 @@ def _fewest_bytes_partition(
                 key = (rest_bytes + cut_bytes, max(stage_s(i, e), rest_max))
                 if key < best[j][i]:
                     best[j][i], nxt[j][i] = key, e
-    sizes, i = [], 0
-    for j in range(k, 0, -1):
-        e = nxt[j][i]
-        sizes.append(e - i)
-        i = e
-    return sizes
+    return sizes_from_cuts(nxt, k)
 
 
 def _predict_k(
