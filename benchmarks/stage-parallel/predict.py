@@ -34,11 +34,12 @@ RESULTS = HERE / "results" / "results.jsonl"
 
 
 def measured_speedups(model: str) -> dict[str, float]:
-    """Median samples/s of each method over bp-t1's, from the latest session that ran ``model``."""
+    """Median samples/s of each method over bp-t1's, from the latest quick-profile session of ``model``."""
     if not RESULTS.is_file():
         return {}
     rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r.get("model") == model and r.get("samples_per_second")]
+    rows = [r for r in rows if r.get("model") == model and r.get("profile") == "quick"
+            and r.get("samples_per_second")]
     if not rows:
         return {}
     session = max(r["session"] for r in rows)
