@@ -280,6 +280,7 @@ class _DistributedRun:
                 "history": self.history,
             })
         dist.barrier(group=self.ctx.control)
+        shards.prune(self.out, self.global_step)
 
     # -- training ---------------------------------------------------------------------------------
     def run(self, on_step: StepCallback | None) -> RunResult:

@@ -6,7 +6,7 @@ Layout inside the run folder::
     checkpoint/step-00001234/rank0.pt, rank1.pt, ...
 
 Every rank writes its shard (atomically) into a new step folder; only when all shards are on disk does
-rank 0 replace ``checkpoint.json`` (atomically) and delete older step folders. A crash at any moment
+rank 0 replace ``checkpoint.json`` (atomically); then every rank deletes its older step folders. A crash at any moment
 therefore leaves the manifest pointing at a complete set of shards. On several machines, each rank
 reads its own shard from its own ``--out``; only rank 0 needs the manifest.
 """
@@ -21,7 +21,7 @@ from typing import Any
 from gradkit.checkpoint import load_checkpoint, save_checkpoint, write_json_atomic
 from gradkit.errors import DataError
 
-__all__ = ["MANIFEST", "commit", "has_checkpoint", "load_shard", "read_manifest", "save_shard", "shard_path"]
+__all__ = ["MANIFEST", "commit", "has_checkpoint", "load_shard", "prune", "read_manifest", "save_shard", "shard_path"]
 
 MANIFEST = "checkpoint.json"
 _FOLDER = "checkpoint"
@@ -51,6 +51,11 @@ def commit(out: Path, global_step: int, manifest: dict[str, Any]) -> None:
     """Rank 0, after every shard was saved: point the manifest at this step, drop older steps."""
     write_json_atomic(out / MANIFEST, {"format": _FORMAT, "step_folder": _step_folder(out, global_step).name,
                                        **manifest})
+
+
+def prune(out: Path, global_step: int) -> None:
+    """Every rank, after the manifest names ``global_step``: drop older step folders in its ``out``
+    (on several machines without a shared filesystem each keeps its own shards)."""
     keep = _step_folder(out, global_step)
     for folder in (out / _FOLDER).glob("step-*"):
         if folder != keep:
