@@ -79,7 +79,8 @@ def _method_option(text: str) -> tuple[str, object]:
     return key, _option_value(value)
 
 
-def add_training_args(parser: argparse.ArgumentParser, *, single_method: bool = True) -> None:
+def add_training_args(parser: argparse.ArgumentParser, *, single_method: bool = True,
+                      workers: bool | None = None) -> None:
     """The options of ``gradkit train`` (``compare`` shares all but --method/--out/--resume)."""
     what = parser.add_argument_group("what to train")
     if single_method:
@@ -130,9 +131,10 @@ def add_training_args(parser: argparse.ArgumentParser, *, single_method: bool = 
     where = parser.add_argument_group("where to run")
     where.add_argument("--threads", type=_positive_int, metavar="N",
                        help="CPU threads for torch (with --workers, per worker; default: cores / workers)")
-    where.add_argument("--workers", type=_positive_int, metavar="K",
-                       help="run the K stages in K processes on this machine, one stage each (fr, ddg, dni, "
-                            "bp); under torchrun the ranks are the workers and this may be left out")
+    if single_method if workers is None else workers:  # compare and diagnose run in this process
+        where.add_argument("--workers", type=_positive_int, metavar="K",
+                           help="run the K stages in K processes on this machine, one stage each (fr, ddg, "
+                                "dni, bp); under torchrun the ranks are the workers and this may be left out")
     where.add_argument("--device", default=_DEFAULTS.device, help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     where.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -25,7 +25,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--repeats", type=int, default=1, metavar="N",
                    help="average the cosines over N independent estimates (default: 1)")
-    add_training_args(p)
+    add_training_args(p, workers=False)
     p.set_defaults(run=run, method="ulr")
     for action in p._actions:
         if action.dest == "method":
