@@ -9,10 +9,13 @@ model; a noisy copy that re-runs only the blocks after its layer counts that fra
   on 10,000 images (criterion 3);
 * ``cosine``: per-layer cosine to backprop on one batch (``gradkit diagnose``) for the default and ablations;
 * ``robust``: FGSM / PGD / Gaussian accuracy of the fmnist-mlp bp and ulr runs;
-* ``profiles``: short runs: Fashion-MNIST CNN and SNN, AG News RNN/GRU/LSTM, GCN on karate.
+* ``profiles``: short runs: Fashion-MNIST CNN and SNN, AG News RNN/GRU/LSTM, GCN on karate;
+* ``cifar``: short CIFAR-10 runs of the paper's ResNet-5 and VGG-8 (Adam 1e-3, batch 100, 2 epochs on
+  stratified subsets): bp, plain ulr and hybrid ulr --stages 2. The paper's 100 epochs are a GPU job.
 
     python benchmarks/likelihood-ratio/run.py                      # everything (about an hour on 2 cores)
     python benchmarks/likelihood-ratio/run.py --only cosine robust
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/likelihood-ratio/run.py --only cifar   # about 18 minutes
 
 Results are appended to ``results.jsonl`` beside this file (one JSON object per row, with the machine).
 """
@@ -55,6 +58,17 @@ def record(row: dict[str, Any], out: Path) -> None:
     print(json.dumps(row), flush=True)
 
 
+def cli(name: str, **fields: Any) -> str:
+    """The ``gradkit train`` command line equivalent to ``train_row(name, ..., **fields)``."""
+    args = ["gradkit train", f"--method {fields.get('method', 'bp')}"]
+    if fields.get("stages", 1) != 1:
+        args.append(f"--stages {fields['stages']}")
+    args += [f"-o {k}={v}" for k, v in fields.get("method_options", {}).items()]
+    flags = ("model", "data", "optimizer", "lr", "batch_size", "epochs", "limit_train", "limit_test")
+    args += [f"--{k.replace('_', '-')} {fields[k]}" for k in flags if k in fields]
+    return " ".join(args + [f"--threads {THREADS} --out {RUNS / name}"])
+
+
 def train_row(name: str, out: Path, **fields: Any) -> dict[str, Any]:
     config = TrainConfig(out=str(RUNS / name), progress=False, threads=THREADS, **fields)
     if (RUNS / name / "model.pt").exists():
@@ -76,6 +90,8 @@ def train_row(name: str, out: Path, **fields: Any) -> dict[str, Any]:
         "group": fields.get("data"), "name": name, "method": config.method, "model": config.model,
         "data": config.data, "stages": config.stages, "options": config.method_options, "lr": config.effective_lr,
         "epochs": config.epochs, "limit_train": config.limit_train,
+        **({"limit_test": config.limit_test, "optimizer": config.optimizer, "batch_size": config.batch_size,
+            "command": cli(name, **fields)} if config.data.startswith("cifar") else {}),
         "test_acc": result.final["test_acc"], "per_epoch_acc": [h["test_acc"] for h in result.history],
         "train_seconds": result.final["elapsed_seconds"], "wall_seconds": wall,
         "forward_passes_per_step": passes,
@@ -186,7 +202,22 @@ def profiles(out: Path) -> None:
     train_row("gcn-ulr", out, method="ulr", **graph)
 
 
-GROUPS = {"fmnist-mlp": None, "peers": None, "cosine": cosine, "robust": robust, "profiles": profiles}
+def cifar(out: Path) -> None:
+    """CIFAR-10 ResNet-5 and VGG-8, the paper's optimizer (Adam 1e-3, batch 100), 2 epochs. bp and hybrid
+    ulr --stages 2 on 5,000 train images; plain ulr costs 50-80x bp per image (one re-run per noisy copy
+    per layer, 1 CPU thread), so it and a bp row to compare with get 1,000."""
+    paper = dict(data="cifar10", optimizer="adam", lr=0.001, batch_size=100, epochs=2, limit_test=2000)
+    for model in ("resnet5", "vgg8"):
+        train_row(f"cifar-{model}-bp", out, method="bp", model=model, limit_train=5000, **paper)
+        train_row(f"cifar-{model}-ulr-k2", out, method="ulr", stages=2, model=model,
+                  method_options={"copies": 32}, limit_train=5000, **paper)
+        train_row(f"cifar-{model}-bp-1k", out, method="bp", model=model, limit_train=1000, **paper)
+        train_row(f"cifar-{model}-ulr", out, method="ulr", model=model, method_options={"copies": 16},
+                  limit_train=1000, **paper)
+
+
+GROUPS = {"fmnist-mlp": None, "peers": None, "cosine": cosine, "robust": robust, "profiles": profiles,
+          "cifar": cifar}
 
 
 def main() -> int:
