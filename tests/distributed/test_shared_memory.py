@@ -52,3 +52,11 @@ def test_cleanup_removes_files_a_killed_run_left() -> None:
     assert list(Path("/dev/shm").glob(f"gradkit-{run_id}-*"))
     shm.cleanup(run_id)
     assert not list(Path("/dev/shm").glob(f"gradkit-{run_id}-*"))
+
+
+def test_no_room_in_dev_shm_means_no_ring(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small /dev/shm (containers) makes the sender fall back to the process group, not crash."""
+    run_id, sender, _ = _links()
+    monkeypatch.setattr(shm, "_room_for", lambda nbytes: False)
+    assert sender.write("activation", 1, torch.randn(100)) is None
+    assert not list(Path("/dev/shm").glob(f"gradkit-{run_id}-*"))

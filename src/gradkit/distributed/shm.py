@@ -53,6 +53,13 @@ def cleanup(run_id: str) -> None:
         path.unlink(missing_ok=True)
 
 
+def _room_for(nbytes: int) -> bool:
+    """Whether a ring of ``nbytes`` fits in half of what ``/dev/shm`` has free (tmpfs pages are only
+    taken when written, and a write past the space would kill the process with SIGBUS)."""
+    stat = os.statvfs(_ROOT)
+    return nbytes <= stat.f_bavail * stat.f_frsize // 2
+
+
 class _Ring:
     def __init__(self, path: Path, capacity: int, *, create: bool) -> None:
         self.capacity = capacity
@@ -83,13 +90,19 @@ class SharedMemoryLinks:
         self._out: dict[tuple[str, int], tuple[int, _Ring]] = {}
         self._in: dict[tuple[str, int, int], _Ring] = {}
 
-    def write(self, kind: str, destination: int, payload: torch.Tensor) -> tuple[int, int, int]:
-        """Copy ``payload`` (contiguous, CPU) into a free slot; returns (generation, slot, sequence)."""
+    def write(self, kind: str, destination: int, payload: torch.Tensor) -> tuple[int, int, int] | None:
+        """Copy ``payload`` (contiguous, CPU) into a free slot; returns (generation, slot, sequence).
+
+        None when ``/dev/shm`` has no room for a ring this size (containers often give it 64 MiB):
+        the caller then sends the payload through the process group instead.
+        """
         nbytes = payload.numel() * payload.element_size()
         generation, ring = self._out.get((kind, destination), (-1, None))  # type: ignore[assignment]
         if ring is None or nbytes > ring.capacity:
-            generation += 1
             capacity = max(_ALIGN, -(-nbytes // _ALIGN) * _ALIGN)
+            if not _room_for(_CONTROL + SLOTS * capacity):
+                return None
+            generation += 1
             ring = _Ring(_path(self.run_id, kind, self.rank, destination, generation), capacity, create=True)
             self._out[(kind, destination)] = (generation, ring)
         sequence = ring.sent
