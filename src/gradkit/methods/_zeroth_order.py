@@ -2,15 +2,54 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from abc import abstractmethod
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from gradkit.methods._base import Method
+from gradkit.errors import ConfigError
+from gradkit.methods._base import LossFn, Method
+from gradkit.optim import OptimizerFactory
 
-__all__ = ["eval_mode_after_clean_pass", "has_eval_modules"]
+__all__ = ["DirectionalEstimator", "eval_mode_after_clean_pass", "has_eval_modules"]
+
+
+class DirectionalEstimator(Method):
+    """A method that estimates the gradient of all weights from ``directions`` random directions.
+
+    Subclasses implement :meth:`estimate` (fill ``.grad``, return the clean loss); one optimizer over
+    every trainable parameter then steps.
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[nn.Module],
+        *,
+        loss_fn: LossFn | None,
+        optimizer: OptimizerFactory | None,
+        directions: int,
+    ) -> None:
+        super().__init__(stages, loss_fn=loss_fn, optimizer=optimizer)
+        if isinstance(directions, bool) or not isinstance(directions, int) or directions < 1:
+            raise ConfigError(f"{self.name} option directions must be a positive integer, got {directions!r}")
+        self.directions = directions
+        self._params = self.parameters()
+        self._optimizer = self.optimizer_factory(self._params)
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self._optimizer]
+
+    @abstractmethod
+    def estimate(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Fill ``.grad`` with the estimate without stepping; returns the clean loss."""
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        loss = self.estimate(x, y)
+        self._optimizer.step()
+        return loss
 
 
 def has_eval_modules(method: Method) -> bool:

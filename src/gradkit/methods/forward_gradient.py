@@ -14,17 +14,16 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp
 
-from gradkit.errors import ConfigError
-from gradkit.methods._base import LossFn, Method
+from gradkit.methods._base import LossFn
 from gradkit.methods._registry import METHODS
-from gradkit.methods._zeroth_order import eval_mode_after_clean_pass
+from gradkit.methods._zeroth_order import DirectionalEstimator, eval_mode_after_clean_pass
 from gradkit.optim import OptimizerFactory
 
 __all__ = ["ForwardGradient"]
 
 
 @METHODS.register("forward-grad", help="forward gradients: JVP along random directions (torch.func.jvp)")
-class ForwardGradient(Method):
+class ForwardGradient(DirectionalEstimator):
     """Forward-gradient descent: ``g = mean_k (∇L·v_k) v_k``.
 
     Options: ``directions`` (default 1).
@@ -40,28 +39,14 @@ class ForwardGradient(Method):
         optimizer: OptimizerFactory | None = None,
         directions: int = 1,
     ) -> None:
-        super().__init__(stages, loss_fn=loss_fn, optimizer=optimizer)
-        if isinstance(directions, bool) or not isinstance(directions, int) or directions < 1:
-            raise ConfigError(f"forward-grad option directions must be a positive integer, got {directions!r}")
-        self.directions = directions
+        super().__init__(stages, loss_fn=loss_fn, optimizer=optimizer, directions=directions)
         self._model = nn.Sequential(*self.stages)
         self._names = [n for n, p in self._model.named_parameters() if p.requires_grad]
-        self._params = [p for p in self._model.parameters() if p.requires_grad]
-        self._optimizer = self.optimizer_factory(self._params)
-
-    @property
-    def optimizers(self) -> list[torch.optim.Optimizer]:
-        return [self._optimizer]
 
     @property
     def forward_passes(self) -> int:
         """JVPs per step (each about one forward pass)."""
         return self.directions
-
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        loss = self.estimate(x, y)
-        self._optimizer.step()
-        return loss
 
     def estimate(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """Fill ``.grad`` with the estimate without stepping; returns the clean loss."""

@@ -19,15 +19,15 @@ import torch
 from torch import nn
 
 from gradkit.errors import ConfigError
-from gradkit.methods._base import LossFn, Method
+from gradkit.methods._base import LossFn
 from gradkit.methods._registry import METHODS
-from gradkit.methods._zeroth_order import eval_mode_after_clean_pass
+from gradkit.methods._zeroth_order import DirectionalEstimator, eval_mode_after_clean_pass
 from gradkit.optim import OptimizerFactory
 
 __all__ = ["SPSA", "EvolutionStrategies"]
 
 
-class _Perturbation(Method):
+class _Perturbation(DirectionalEstimator):
     """Common loop: draw directions, evaluate ``L(w ± σz)``, fill ``.grad``, step."""
 
     def __init__(
@@ -39,18 +39,10 @@ class _Perturbation(Method):
         directions: int,
         sigma: float,
     ) -> None:
-        super().__init__(stages, loss_fn=loss_fn, optimizer=optimizer)
-        if isinstance(directions, bool) or not isinstance(directions, int) or directions < 1:
-            raise ConfigError(f"{self.name} option directions must be a positive integer, got {directions!r}")
+        super().__init__(stages, loss_fn=loss_fn, optimizer=optimizer, directions=directions)
         if not (isinstance(sigma, int | float) and sigma > 0):
             raise ConfigError(f"{self.name} option sigma must be > 0, got {sigma!r}")
-        self.directions, self.sigma = directions, float(sigma)
-        self._params = self.parameters()
-        self._optimizer = self.optimizer_factory(self._params)
-
-    @property
-    def optimizers(self) -> list[torch.optim.Optimizer]:
-        return [self._optimizer]
+        self.sigma = float(sigma)
 
     @property
     def forward_passes(self) -> int:
@@ -80,11 +72,6 @@ class _Perturbation(Method):
             grads = self._estimate(self._pairs(x, y))
         for p, g in zip(self._params, grads, strict=True):
             p.grad = g
-        return loss
-
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        loss = self.estimate(x, y)
-        self._optimizer.step()
         return loss
 
     def _estimate(self, pairs: list[tuple[list[torch.Tensor], float, float]]) -> list[torch.Tensor]:
