@@ -525,7 +525,9 @@ def train(
                               f"{os.environ['WORLD_SIZE']} ranks; leave --workers out under torchrun")
         if dataset is not None:
             raise ConfigError("a multi-process run loads its data on rank 0; pass data by name, not dataset=")
-        return _distributed.train_worker(config, on_step=on_step)
+        from gradkit.distributed.run import train_worker  # imports this module: late
+
+        return train_worker(config, on_step=on_step)
     if config.workers is not None and config.workers > 1:
         if dataset is not None or on_step is not None:
             raise ConfigError("with workers > 1 the steps run in other processes; dataset= and on_step= "

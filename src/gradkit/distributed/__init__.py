@@ -15,11 +15,4 @@ def in_worker_process() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def train_worker(*args, **kwargs):  # type: ignore[no-untyped-def]
-    """Run this rank's part of a multi-process run (see :func:`gradkit.distributed.run.train_worker`)."""
-    from gradkit.distributed.run import train_worker as _train_worker  # imports gradkit.loop: late
-
-    return _train_worker(*args, **kwargs)
-
-
-__all__ = ["in_worker_process", "train_worker"]
+__all__ = ["in_worker_process"]

@@ -17,6 +17,7 @@ import torch
 
 from gradkit.config import TrainConfig
 from gradkit.data import BatchLoader, load_dataset
+from gradkit.distributed import in_worker_process
 from gradkit.distributed.cost_model import (
     AutoChoice,
     backprop_seconds,
@@ -70,7 +71,7 @@ def resolve_auto_stages(config: TrainConfig, workers: int | None) -> TrainConfig
         saved = json.loads((config.out_path / "config.json").read_text())
         k, sizes = int(saved["stages"]), tuple(saved["stage_sizes"])
         return replace(config, stages=k, stage_sizes=sizes, workers=k if k > 1 else None)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun fixed K: choose the split only
+    if in_worker_process():  # torchrun fixed K: choose the split only
         k = int(os.environ["WORLD_SIZE"])
         return replace(config, stages=k, balance="time")
     choice = plan_stages(config, workers or available_workers())
