@@ -97,6 +97,26 @@ def test_per_module_overrides() -> None:
     assert not model[1]._forward_pre_hooks
 
 
+def test_loss_outside_the_model_is_kept_exact() -> None:
+    # The loss's saved log-softmax output starts every gradient; quantising it (here 2560 values,
+    # above min_numel) would corrupt all of them. The last layer's bias gradient depends on it alone.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+    x, y = torch.randn(256, 32), torch.randint(0, 10, (256,))
+    F.cross_entropy(model(x), y).backward()
+    exact = model[2].bias.grad.clone()
+    model.zero_grad()
+    comp = ActivationCompressor(model, 2)
+    comp.start_recording()
+    with comp:
+        loss = F.cross_entropy(model(x), y)
+    records = comp.stop_recording()
+    loss.backward()
+    assert torch.allclose(model[2].bias.grad, exact, rtol=1e-5, atol=1e-7)
+    assert [r.shape for r in records if r.kind == "outside"] == [(256, 10)]
+    assert any(r.kind == "int2" and r.module == "1" for r in records)  # inside: still compressed
+
+
 def test_no_grad_eval_saves_nothing_and_runs() -> None:
     model = _net().eval()
     act = Activations(model, "int4")
