@@ -8,3 +8,16 @@ import pytest
 @pytest.fixture(autouse=True)
 def _one_thread(one_torch_thread: None) -> None:
     return None
+
+
+@pytest.fixture(params=["native", "torch"])
+def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test on the fused C kernels and again on the pure-torch fast path."""
+    from gradkit.compress import _native
+
+    if request.param == "torch":
+        monkeypatch.setattr(_native, "_lib", None)
+        monkeypatch.setattr(_native, "_tried", True)
+    elif _native.kernels() is None:
+        pytest.skip("no C compiler here: the fused kernels cannot be built")
+    return str(request.param)

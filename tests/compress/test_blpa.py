@@ -12,6 +12,9 @@ from torch import nn
 from gradkit.compress import apply_blpa, bn_relu_conv, remove_blpa
 from gradkit.models import build_model
 
+# Every test runs on the fused C kernels and on the torch path (conftest.kernels).
+pytestmark = pytest.mark.usefixtures("kernels")
+
 # γ negative, zero and tiny, thresholds -β/γ inside and far outside the ±3 window.
 GAMMA = [1.0, -0.5, 0.0, 2.0, 0.3, -1.2, 0.8, 1e-3]
 BETA = [0.1, 0.2, 0.5, -4.0, 0.0, 5.0, -0.3, 0.01]

@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
+from gradkit.compress import _native
 from gradkit.compress._quant import _pack_codes, _unpack_codes
 
 __all__ = ["bn_relu_conv", "apply_blpa", "remove_blpa", "blpa_units"]
@@ -50,16 +52,47 @@ def _mean_var(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     cancellation when the mean is large compared with the spread.
     """
     shift = x[0].mean(dim=(1, 2)).view(1, -1, 1, 1)
-    s1 = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
-    s2 = torch.zeros_like(s1)
-    for sl in _blocks(x):
-        d = x[sl] - shift
-        s1 += d.sum(dim=(0, 2, 3), dtype=torch.float64)
-        s2 += d.square_().sum(dim=(0, 2, 3), dtype=torch.float64)
+    if _native_ok(x):
+        s1, s2 = _native_moments(x, shift.view(-1).contiguous())
+    else:
+        s1 = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+        s2 = torch.zeros_like(s1)
+        for sl in _blocks(x):
+            d = x[sl] - shift
+            s1 += d.sum(dim=(0, 2, 3), dtype=torch.float64)
+            s2 += d.square_().sum(dim=(0, 2, 3), dtype=torch.float64)
     n = x.numel() / x.shape[1]
     m1 = s1 / n
     var = (s2 / n - m1 * m1).clamp_min_(0)
     return (m1.to(x.dtype) + shift.view(-1)), var.to(x.dtype)
+
+
+def _native_ok(x: torch.Tensor, bits: int = 8) -> bool:
+    """Whether the fused C kernels can run this unit: float32 NCHW on CPU, whole bytes per plane."""
+    return (x.dtype == torch.float32 and x.dim() == 4 and (x.shape[2] * x.shape[3] * bits) % 8 == 0
+            and _native.usable(x))
+
+
+def _per_channel_sums(run: Callable[[int, int, int, int], None], x: torch.Tensor) -> tuple[Tensor, Tensor]:
+    """Two per-channel float64 sums accumulated by ``run(begin, end, out1, out2)`` over sample ranges
+    (one pair of accumulators per thread, added at the end)."""
+    parts: list[tuple[Tensor, Tensor]] = []
+
+    def work(a: int, b: int) -> None:
+        pair = (torch.zeros(x.shape[1], dtype=torch.float64), torch.zeros(x.shape[1], dtype=torch.float64))
+        run(a, b, pair[0].data_ptr(), pair[1].data_ptr())
+        parts.append(pair)
+
+    _native.parallel(work, x.shape[0], x.numel())
+    return sum(p[0] for p in parts[1:]) + parts[0][0], sum(p[1] for p in parts[1:]) + parts[0][1]
+
+
+def _native_moments(x: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
+    lib = _native.kernels()
+    assert lib is not None
+    c, hw = x.shape[1], x.shape[2] * x.shape[3]
+    return _per_channel_sums(lambda a, b, o1, o2: lib.gk_moments(x.data_ptr(), a, b, c, hw, shift.data_ptr(),
+                                                                 o1, o2), x)
 
 
 def _batch_stats(x: torch.Tensor, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,6 +152,110 @@ def _fix_outside_values(v: torch.Tensor, codes: torch.Tensor, c_t: torch.Tensor,
         v[:, high] = torch.where(codes[:, high] == levels, 0.5, v[:, high])
 
 
+def _torch_encode(
+    x: Tensor, a_v: Tensor, b_v: Tensor, scale_y: Tensor, shift_y: Tensor, offset: Tensor, c_t: Tensor,
+    bits: int,
+) -> tuple[Tensor, Tensor, int]:
+    """Conv input ``y`` and packed codes (with their bit width), in cache-sized torch blocks."""
+    levels = 2**bits - 1
+    outside = _outside(c_t, levels)
+    y = torch.empty_like(x)
+    codes = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+    # Cache blocking over samples: v lives only per block, y and the codes are written once.
+    for sl in _blocks(x):
+        v = torch.addcmul(b_v, x[sl], a_v)
+        torch.addcmul(shift_y, v, scale_y, out=y[sl]).clamp_min_(0)
+        above = v > 0 if outside else None
+        c = v.ceil_().add_(offset).clamp_(0, levels)
+        if above is not None:
+            _fix_outside_codes(c, above, c_t, levels)
+        codes[sl] = c
+    if codes.numel() % (8 // bits):  # odd sizes keep one code per byte
+        return y, codes.view(1, -1), 8
+    return y, _pack_codes(codes.view(1, -1), bits), bits
+
+
+def _native_encode(
+    x: Tensor, a_v: Tensor, b_v: Tensor, scale_y: Tensor, shift_y: Tensor, offset: Tensor, c_t: Tensor,
+    bits: int,
+) -> tuple[Tensor, Tensor]:
+    """:func:`_torch_encode` in one fused pass (``gk_blpa_encode``)."""
+    lib = _native.kernels()
+    assert lib is not None
+    c, hw = x.shape[1], x.shape[2] * x.shape[3]
+    vec = [t.reshape(-1).float().contiguous() for t in (a_v, b_v, scale_y, shift_y, offset, c_t)]
+    y = torch.empty_like(x)
+    data = torch.empty(1, x.numel() * bits // 8, dtype=torch.uint8)
+    _native.parallel(lambda a, b: lib.gk_blpa_encode(x.data_ptr(), a, b, c, hw, *(t.data_ptr() for t in vec),
+                                                     bits, y.data_ptr(), data.data_ptr()),
+                     x.shape[0], x.numel())
+    return y, data
+
+
+def _torch_decode(
+    data: Tensor, packed_bits: int, shape: torch.Size, centre: Tensor, c_t: Tensor, scale_y: Tensor,
+    shift_y: Tensor, levels: int,
+) -> tuple[Tensor, Tensor]:
+    """``v`` (bin centres in v units) and the conv input ``y`` from the codes."""
+    codes = _unpack_codes(data, packed_bits).view(shape)
+    outside = _outside(c_t, levels)
+    centre = centre.view(1, -1, 1, 1)
+    v = torch.empty(shape, dtype=scale_y.dtype, device=codes.device)
+    y = torch.empty_like(v)
+    for sl in _blocks(v):
+        vb = torch.sub(codes[sl], centre, out=v[sl])
+        if outside:
+            _fix_outside_values(vb, codes[sl], c_t, levels)
+        torch.addcmul(shift_y, vb, scale_y, out=y[sl]).clamp_min_(0)
+    return v, y
+
+
+def _torch_mask_sums(grad_y: Tensor, y: Tensor, v: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor]:
+    dims = (0, 2, 3)
+    sum_g = torch.zeros_like(gamma)
+    sum_gv = torch.zeros_like(gamma)
+    for sl in _blocks(v):
+        gz = grad_y[sl].mul_(y[sl] > 0)
+        sum_g += gz.sum(dims)
+        sum_gv += (gz * v[sl]).sum(dims)
+    return sum_g, sum_gv
+
+
+class _NativeBackward:
+    """The backward passes of one unit on the fused kernels: v is re-read from the packed codes each
+    time instead of being held as a float tensor."""
+
+    def __init__(self, data: Tensor, shape: torch.Size, centre: Tensor, c_t: Tensor, bits: int) -> None:
+        lib = _native.kernels()
+        assert lib is not None
+        self.lib, self.data, self.shape, self.bits = lib, data, shape, bits
+        self.centre, self.c_t = centre.float().contiguous(), c_t.float().contiguous()
+        self.c, self.hw = shape[1], shape[2] * shape[3]
+        self.numel = shape.numel()
+
+    def decode(self, scale_y: Tensor, shift_y: Tensor) -> Tensor:
+        sy, hy = scale_y.reshape(-1).contiguous(), shift_y.reshape(-1).contiguous()
+        y = torch.empty(self.shape)
+        _native.parallel(lambda a, b: self.lib.gk_blpa_decode(
+            self.data.data_ptr(), a, b, self.c, self.hw, self.centre.data_ptr(), self.c_t.data_ptr(),
+            sy.data_ptr(), hy.data_ptr(), self.bits, y.data_ptr()), self.shape[0], self.numel)
+        return y
+
+    def mask_sums(self, grad_y: Tensor, y: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Applies the ReLU mask to ``grad_y`` in place; returns per-channel Σ g and Σ g·v."""
+        s1, s2 = _per_channel_sums(lambda a, b, o1, o2: self.lib.gk_blpa_mask_sums(
+            grad_y.data_ptr(), y.data_ptr(), self.data.data_ptr(), a, b, self.c, self.hw,
+            self.centre.data_ptr(), self.c_t.data_ptr(), self.bits, o1, o2), grad_y)
+        return s1.to(dtype), s2.to(dtype)
+
+    def grad_input(self, g: Tensor, xs: Tensor, xt: Tensor, m_g: Tensor, m_gx: Tensor, k: Tensor) -> None:
+        """The BatchNorm input gradient, in place on ``g``."""
+        vec = [t.reshape(-1).float().contiguous() for t in (xs, xt, m_g, m_gx, k)]
+        _native.parallel(lambda a, b: self.lib.gk_blpa_grad_input(
+            g.data_ptr(), self.data.data_ptr(), a, b, self.c, self.hw, self.centre.data_ptr(),
+            self.c_t.data_ptr(), *(t.data_ptr() for t in vec), self.bits), self.shape[0], self.numel)
+
+
 class _BNReLUConv(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -132,7 +269,6 @@ class _BNReLUConv(torch.autograd.Function):
         conv: nn.Conv2d,
         bits: int,
     ) -> torch.Tensor:
-        levels = 2**bits - 1
         s = _WINDOW / 2**bits
         mean, var = _batch_stats(x, bn)
         batch_stats = bn.training or bn.running_mean is None
@@ -151,25 +287,14 @@ class _BNReLUConv(torch.autograd.Function):
         scale_y = (absg * s).view(shape)
         shift_y = torch.where(zero, beta, torch.zeros_like(beta)).view(shape)
         offset = (c_t - 1).view(shape)
-        outside = _outside(c_t, levels)
-        y = torch.empty_like(x)
-        codes = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
-        # Cache blocking over samples: v lives only per block, y and the codes are written once.
-        for sl in _blocks(x):
-            v = torch.addcmul(b_v, x[sl], a_v)
-            torch.addcmul(shift_y, v, scale_y, out=y[sl]).clamp_min_(0)
-            above = v > 0 if outside else None
-            c = v.ceil_().add_(offset).clamp_(0, levels)
-            if above is not None:
-                _fix_outside_codes(c, above, c_t, levels)
-            codes[sl] = c
+        ctx.native = _native_ok(x, bits)
+        if ctx.native:
+            y, data = _native_encode(x, a_v, b_v, scale_y, shift_y, offset, c_t, bits)
+            ctx.packed_bits = bits
+        else:
+            y, data, ctx.packed_bits = _torch_encode(x, a_v, b_v, scale_y, shift_y, offset, c_t, bits)
         out = F.conv2d(y, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
         del y
-        per_byte = 8 // bits
-        if codes.numel() % per_byte:  # odd sizes keep one code per byte
-            ctx.packed_bits, data = 8, codes.view(1, -1)
-        else:
-            ctx.packed_bits, data = bits, _pack_codes(codes.view(1, -1), bits)
         ctx.bin_width = s
         ctx.bits = bits
         ctx.shape = x.shape
@@ -184,18 +309,15 @@ class _BNReLUConv(torch.autograd.Function):
         data, weight, gamma, invstd, sign, t, c_t, scale_y, shift_y = ctx.saved_tensors
         s = ctx.bin_width
         shape = (1, -1, 1, 1)
-        codes = _unpack_codes(data, ctx.packed_bits).view(ctx.shape)
         levels = 2**ctx.bits - 1
-        outside = _outside(c_t, levels)
-        centre = (c_t - 0.5).view(shape)
-        v = torch.empty(ctx.shape, dtype=scale_y.dtype, device=codes.device)
-        y = torch.empty_like(v)
-        for sl in _blocks(v):
-            vb = torch.sub(codes[sl], centre, out=v[sl])  # bin centres in v units
-            if outside:
-                _fix_outside_values(vb, codes[sl], c_t, levels)
-            torch.addcmul(shift_y, vb, scale_y, out=y[sl]).clamp_min_(0)
-        del codes
+        centre = c_t - 0.5
+        native: _NativeBackward | None = None
+        v: Tensor | None = None
+        if ctx.native:
+            native = _NativeBackward(data, ctx.shape, centre, c_t, ctx.bits)
+            y = native.decode(scale_y, shift_y)
+        else:
+            v, y = _torch_decode(data, ctx.packed_bits, ctx.shape, centre, c_t, scale_y, shift_y, levels)
         stride, padding, dilation, groups = ctx.conv
         need_x, need_g, need_b, need_w, need_bias = ctx.needs_input_grad[:5]
         grad_y, grad_w, grad_bias = torch.ops.aten.convolution_backward(
@@ -205,13 +327,13 @@ class _BNReLUConv(torch.autograd.Function):
         )
         grad_x = grad_gamma = grad_beta = None
         if grad_y is not None:
-            dims = (0, 2, 3)
-            sum_g = torch.zeros_like(gamma)
-            sum_gv = torch.zeros_like(gamma)
-            for sl in _blocks(v):
-                gz = grad_y[sl].mul_(y[sl] > 0)  # exact mask: y > 0 exactly when the code is above c_t
-                sum_g += gz.sum(dims)
-                sum_gv += (gz * v[sl]).sum(dims)
+            # Exact mask: y > 0 exactly when the code is above c_t.
+            if native is not None:
+                grad_y = grad_y.contiguous()
+                sum_g, sum_gv = native.mask_sums(grad_y, y, gamma.dtype)
+            else:
+                assert v is not None
+                sum_g, sum_gv = _torch_mask_sums(grad_y, y, v, gamma)
             del y
             grad_z = grad_y
             # x̂ = sign·(t + s·v), so Σ g·x̂ follows from Σ g and Σ g·v.
@@ -226,9 +348,13 @@ class _BNReLUConv(torch.autograd.Function):
                     m_g = (sum_g / n).view(shape)
                     m_gx = (sum_gxhat / n).view(shape)
                     xs, xt = (sign * s).view(shape), (sign * t).view(shape)
-                    for sl in _blocks(v):
-                        xhat = torch.addcmul(xt, v[sl], xs)
-                        grad_z[sl].sub_(m_g).sub_(xhat.mul_(m_gx)).mul_(k)
+                    if native is not None:
+                        native.grad_input(grad_z, xs, xt, m_g, m_gx, k)
+                    else:
+                        assert v is not None
+                        for sl in _blocks(v):
+                            xhat = torch.addcmul(xt, v[sl], xs)
+                            grad_z[sl].sub_(m_g).sub_(xhat.mul_(m_gx)).mul_(k)
                     grad_x = grad_z
                 else:
                     grad_x = grad_z.mul_(k)

@@ -5,16 +5,22 @@ the flattened tensor is cut into groups of ``group_size`` elements; each group k
 ``[lo, lo + L*step]`` (``L = 2**bits - 1``) and its elements become integer codes in ``0..L``, rounded
 stochastically (unbiased: ``E[decode] = x``) or to the nearest level. Codes are packed 8/bits per byte.
 
-Groups whose minimum is >= 0 (ReLU outputs, softmax, masks) quantise against ``lo = 0`` and reserve
-code 0 for exact zeros: every positive element gets a code >= 1, so ``decoded > 0`` equals ``x > 0``
-and a ReLU's backward mask read from the decoded tensor is bit-exact (the pitfall ActNN/GACT users hit:
-naive rounding zeroes 7.5% of positive units at 4 bits, 35% at 2 bits). The price is a bias of at most
-one step on positives smaller than one step.
+Groups whose minimum is >= 0 (ReLU outputs, softmax, masks) reserve code 0 for exact zeros, and their
+positive elements take codes ``1..L`` on the grid ``(c - 1 + ε)·step`` with ``step = max / (L - 1)``
+(``ε = 2**-10``): ``decoded > 0`` equals ``x > 0``, so a ReLU's backward mask read from the decoded
+tensor is bit-exact (the pitfall ActNN/GACT users hit: naive rounding zeroes 7.5% of positive units at
+4 bits, 35% at 2 bits), and stochastic rounding of positives stays unbiased up to ``ε·step``. (Rounding
+small positives up to a first level of one step instead, as an earlier version did, biased every conv
+weight gradient of a ResNet by ~2%.) The price is one level fewer for the positives.
 
-Two implementations compute the same codes: :func:`pack_reference` / :func:`unpack_reference`, written
-for clarity (explicit clamp, one code per byte position), and :func:`pack` / :func:`unpack`, which
-reach the same result in fewer passes over memory (no clamp needed by construction, bit tricks on
-wider integer views). Tests hold the fast pair to the reference.
+Decoding is ``max(code·step + offset, floor)`` per group: ``offset = lo``, ``floor = -inf`` for signed
+groups; ``offset = -(1 - ε)·step``, ``floor = 0`` for non-negative ones.
+
+Three implementations compute the same codes: :func:`pack_reference` / :func:`unpack_reference`, written
+for clarity (one code per byte position), and :func:`pack` / :func:`unpack`, which run the fused C
+kernels of ``_kernels.c`` when they can be built (:mod:`gradkit.compress._native`) and otherwise
+cache-blocked torch passes with bit tricks on wider integer views. All three perform the same float
+operations in the same order, so for the same noise they agree bit for bit; tests hold them to it.
 """
 
 from __future__ import annotations
@@ -24,12 +30,17 @@ from dataclasses import dataclass
 
 import torch
 
+from gradkit.compress import _native
+
 __all__ = ["BITS", "ROUNDINGS", "Packed", "pack", "unpack", "pack_reference", "unpack_reference",
            "error_bound"]
 
 BITS = (2, 4, 8)
 ROUNDINGS = ("stochastic", "nearest")
 _LITTLE_ENDIAN = sys.byteorder == "little"
+# Where a non-negative group's code 1 decodes, in steps above zero: small enough to bias nothing that
+# matters, large enough that the decoded value is a positive float (mask exactness).
+_EPSILON = 2.0**-10
 # Shrinks the scale a hair so that x*inv + noise stays below L+1 after float rounding: the fast path
 # can then truncate to an integer without a clamp pass and the code still never overflows.
 _SAFETY = 1.0 - 2.0**-18
@@ -61,12 +72,25 @@ class Packed:
 
 
 def error_bound(packed: Packed, rounding: str) -> torch.Tensor:
-    """Largest possible ``|decode - x|`` per group: one step (stochastic) or half a step (nearest).
-
-    Positives below one step in a non-negative group are rounded up to a full step either way.
-    """
+    """Largest possible ``|decode - x|`` per group: one step (stochastic) or half a step (nearest),
+    plus ``ε·step`` in non-negative groups."""
     step = packed.step.float() / _SAFETY
-    return step if rounding == "stochastic" else torch.where(packed.lo == 0, step, step / 2)
+    bound = step if rounding == "stochastic" else step / 2
+    return torch.where(packed.lo == 0, bound + _EPSILON * step, bound)
+
+
+def _code_shift(lo: torch.Tensor) -> torch.Tensor:
+    """1 for non-negative groups (positives start at code 1), else 0; float32 per group."""
+    return (lo == 0).float()
+
+
+def _decode_terms(packed: Packed) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-group ``step``, ``offset`` and ``floor`` of the decode ``max(code·step + offset, floor)``."""
+    lo, step = packed.lo.float(), packed.step.float() / _SAFETY
+    nonneg = lo == 0
+    offset = torch.where(nonneg, -(1.0 - _EPSILON) * step, lo)
+    floor = torch.where(nonneg, 0.0, -torch.inf)
+    return step, offset, floor
 
 
 def _groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -79,18 +103,27 @@ def _groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def _ranges(g: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-group ``lo`` and ``step`` as stored, and ``inv`` (1/step shrunk by ``_SAFETY``, float32).
+    """Per-group ``lo`` and ``step`` as stored, and ``inv``: see :func:`_ranges_from`."""
+    # Two reductions beat torch.aminmax on CPU (measured ~5x): aminmax is not vectorised there.
+    return _ranges_from(g.amin(dim=1, keepdim=True), g.amax(dim=1, keepdim=True), bits, g.numel())
+
+
+def _ranges_from(
+    lo: torch.Tensor, hi: torch.Tensor, bits: int, numel: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-group ``lo`` and ``step`` as stored, and ``inv`` (1/step shrunk by ``_SAFETY``, float32),
+    from the groups' minima and maxima.
 
     The ranges are stored as float16 when every value fits (half the overhead: 4 bytes per group, so
     int4 with groups of 256 stores 0.516 bytes per element instead of 0.531), rounded outward (``lo``
     down, ``step`` up) so that the range still covers the group and the error bound holds; the codes are
     computed against the rounded values. Otherwise (huge or minuscule values) they stay float32.
     """
-    levels = 2**bits - 1
-    # Two reductions beat torch.aminmax on CPU (measured ~5x): aminmax is not vectorised there.
-    lo, hi = g.amin(dim=1, keepdim=True).float(), g.amax(dim=1, keepdim=True).float()
+    lo, hi = lo.float(), hi.float()
     lo = lo.clamp_max(0.0)  # non-negative groups start at exactly 0
-    if g.numel() < _HALF_RANGES_MIN:
+    # Non-negative groups spread their positives over codes 1..L, i.e. L - 1 steps.
+    levels = torch.where(lo == 0, float(2**bits - 2), float(2**bits - 1))
+    if numel < _HALF_RANGES_MIN:
         # Small tensors: the float16 bookkeeping costs more time than its bytes are worth.
         step = (hi - lo) / levels
         inv = torch.where(step > 0, _SAFETY / step.clamp_min(torch.finfo(torch.float32).tiny),
@@ -148,15 +181,15 @@ def pack_reference(
     g = _groups(x, group_size).float()
     lo, step, inv = _ranges(g, bits)
     lo32 = lo.float()
-    q = (g - lo32) * inv
+    q = (g - lo32) * inv + _code_shift(lo32)
     if rounding == "nearest":
         codes = torch.floor(q + 0.5)
     else:
         u = torch.rand_like(q) if noise is None else noise.view_as(q)
         codes = torch.floor(q + u)
     codes = codes.clamp(0, levels)
-    # Exact zeros: in a non-negative group every positive element keeps a code >= 1.
-    codes = torch.where((lo32 == 0) & (g > 0), codes.clamp_min(1), codes).to(torch.uint8)
+    # Exact zeros: in a non-negative group only zeros get code 0 (positives have codes >= 1 above).
+    codes = torch.where((lo32 == 0) & (g <= 0), 0.0, codes).to(torch.uint8)
     per_byte = 8 // bits
     data = torch.zeros(g.shape[0], group_size // per_byte, dtype=torch.uint8, device=x.device)
     for k in range(per_byte):
@@ -165,14 +198,15 @@ def pack_reference(
 
 
 def unpack_reference(packed: Packed) -> torch.Tensor:
-    """Decode :func:`pack_reference` / :func:`pack` output: ``lo + code * step``."""
+    """Decode :func:`pack_reference` / :func:`pack` output: ``max(code·step + offset, floor)``."""
     bits, data = packed.bits, packed.data
     per_byte = 8 // bits
     mask = 2**bits - 1
     codes = torch.empty(data.shape[0], data.shape[1] * per_byte, dtype=torch.uint8, device=data.device)
     for k in range(per_byte):
         codes[:, k::per_byte] = (data >> (bits * k)) & mask
-    values = packed.lo.float() + codes.float() * (packed.step.float() / _SAFETY)
+    step, offset, floor = _decode_terms(packed)
+    values = torch.maximum(codes.float() * step + offset, floor)
     return _restore(values, packed)
 
 
@@ -195,18 +229,22 @@ def pack(
 ) -> Packed:
     """Same codes as :func:`pack_reference` (for the same ``noise``), in fewer memory passes.
 
-    Why no clamp: ``inv`` is shrunk by ``_SAFETY``, so ``(x - lo) * inv + u < L + 1`` for ``u < 1``
-    and truncation toward zero yields at most ``L``; the lower end is >= 0 up to float rounding, which
-    truncation also maps to 0. Random noise is drawn as bytes (four per 32-bit draw, which is what
-    costs on CPU), i.e. ``u = (b + 0.5) / 256``: unbiased to within 1/512 of a step.
+    Why the torch path needs no clamp: ``inv`` is shrunk by ``_SAFETY``, so
+    ``(x - lo) * inv + shift + u < L + 1`` for ``u < 1`` and truncation toward zero yields at most
+    ``L``; the lower end is >= 0. Random noise is drawn as bytes (four per 32-bit draw on the torch
+    path, eight per splitmix64 draw in C), i.e. ``u = (b + 0.5) / 256``: unbiased to within 1/512 of a
+    step.
     """
     _check(bits, group_size, rounding)
+    if x.dtype == torch.float32 and group_size <= _native.MAX_GROUP and _native.usable(x):
+        return _pack_native(x, bits, group_size, rounding, noise)
     g = _groups(x, group_size)
     if g.dtype != torch.float32:
         g = g.float()
     lo, step, inv = _ranges(g, bits)
     lo32 = lo.float()
     nonneg = lo32 == 0
+    shift = _code_shift(lo32)
     count = int(nonneg.sum())  # one synchronisation for both questions
     any_nonneg, all_nonneg = count > 0, count == nonneg.numel()
     flat_noise = None if noise is None else noise.view_as(g)
@@ -218,23 +256,54 @@ def pack(
     parts = []
     for r0 in range(0, g.shape[0], rows):
         sl = slice(r0, r0 + rows)
-        gb, lob, invb = g[sl], lo32[sl], inv[sl]
+        gb = g[sl]
+        q = torch.sub(gb, lo32[sl]).mul_(inv[sl]).add_(shift[sl])
         if rounding == "nearest":
-            q = torch.addcmul(0.5 - lob * invb, gb, invb)
+            q.add_(0.5)
         elif flat_noise is not None:
-            q = torch.addcmul(-lob * invb, gb, invb).add_(flat_noise[sl])
+            q.add_(flat_noise[sl])
         else:
-            q = torch.addcmul((0.5 / 256) - lob * invb, gb, invb)
-            q.add_(_random_bytes(q.numel(), q.device).view_as(q), alpha=1 / 256)
+            q.add_(0.5 / 256).add_(_random_bytes(q.numel(), q.device).view_as(q), alpha=1 / 256)
         codes = q.to(torch.uint8)
         if any_nonneg:
             # Only tensors with a non-negative group pay for the exact-zero pass.
-            positive = gb > 0
+            keep = gb > 0
             if not all_nonneg:
-                positive &= nonneg[sl]
-            codes = torch.maximum(codes, positive.view(torch.uint8))
+                keep |= ~nonneg[sl]
+            codes.mul_(keep.view(torch.uint8))
         parts.append(_pack_codes(codes, bits))
     data = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return Packed(data, lo, step, x.shape, x.dtype, bits)
+
+
+def _pack_native(
+    x: torch.Tensor, bits: int, group_size: int, rounding: str, noise: torch.Tensor | None
+) -> Packed:
+    """:func:`pack` in two fused passes of the C kernels (min/max, then codes and packing)."""
+    lib = _native.kernels()
+    assert lib is not None
+    x = x.detach()
+    n = x.numel()
+    groups = -(-n // group_size)
+    lo_raw = torch.empty(groups, 1)
+    hi_raw = torch.empty(groups, 1)
+    _native.parallel(lambda a, b: lib.gk_minmax(x.data_ptr(), n, group_size, a, b, lo_raw.data_ptr(),
+                                                hi_raw.data_ptr()), groups, n)
+    lo, step, inv = _ranges_from(lo_raw, hi_raw, bits, groups * group_size)
+    lo32 = lo.float().contiguous()
+    inv = inv.contiguous()
+    if rounding == "nearest":
+        mode, seed, noise_ptr = 0, 0, None
+    elif noise is not None:
+        noise = noise.detach().float().contiguous()
+        mode, seed, noise_ptr = 2, 0, noise.data_ptr()
+    else:
+        # One draw from torch's generator seeds every group's stream: torch.manual_seed reproduces it.
+        mode, seed, noise_ptr = 1, int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)), None
+    data = torch.empty(groups, group_size * bits // 8, dtype=torch.uint8)
+    _native.parallel(lambda a, b: lib.gk_pack(x.data_ptr(), n, group_size, a, b, lo32.data_ptr(),
+                                              inv.data_ptr(), bits, mode, seed % 2**64, noise_ptr,
+                                              data.data_ptr()), groups, n)
     return Packed(data, lo, step, x.shape, x.dtype, bits)
 
 
@@ -285,7 +354,10 @@ def _unpack_codes(data: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack(packed: Packed) -> torch.Tensor:
     """Fast decode, equal to :func:`unpack_reference` (block by block, as :func:`pack`)."""
     data = packed.data
-    lo, step = packed.lo.float(), packed.step.float() / _SAFETY
+    step, offset, floor = _decode_terms(packed)
+    if packed.dtype == torch.float32 and _native.usable(data):
+        return _unpack_native(packed, step.contiguous(), offset.contiguous(), floor.contiguous())
+    clamp = bool((packed.lo == 0).any())
     per_byte = 8 // packed.bits
     values = torch.empty(data.shape[0], data.shape[1] * per_byte, dtype=torch.float32, device=data.device)
     rows = max(1, _BLOCK_ELEMENTS // values.shape[1])
@@ -293,5 +365,22 @@ def unpack(packed: Packed) -> torch.Tensor:
         sl = slice(r0, r0 + rows)
         block = values[sl]
         # Convert into the output block, then scale and shift it in place while it is in cache.
-        block.copy_(_unpack_codes(data[sl], packed.bits)).mul_(step[sl]).add_(lo[sl])
+        block.copy_(_unpack_codes(data[sl], packed.bits)).mul_(step[sl]).add_(offset[sl])
+        if clamp:
+            torch.maximum(block, floor[sl], out=block)
     return _restore(values, packed)
+
+
+def _unpack_native(
+    packed: Packed, step: torch.Tensor, offset: torch.Tensor, floor: torch.Tensor
+) -> torch.Tensor:
+    lib = _native.kernels()
+    assert lib is not None
+    data = packed.data
+    n, group_size = packed.shape.numel(), data.shape[1] * 8 // packed.bits
+    out = torch.empty(packed.shape)
+    _native.parallel(lambda a, b: lib.gk_unpack(data.data_ptr(), n, group_size, a, b, packed.bits,
+                                                step.data_ptr(), offset.data_ptr(), floor.data_ptr(),
+                                                out.data_ptr()),
+                     data.shape[0], n)
+    return out
