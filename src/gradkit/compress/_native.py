@@ -24,6 +24,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -91,21 +92,22 @@ def _build() -> ctypes.CDLL | None:
     cache = Path(os.environ.get("GRADKIT_CACHE_DIR") or Path.home() / ".cache" / "gradkit")
     target = cache / f"kernels-{key}.so"
     if not target.exists():
+        tmp: str | None = None
         try:
             cache.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
             os.close(fd)
+            started = time.perf_counter()
             subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True,
                            timeout=120)
             os.replace(tmp, target)  # atomic: a concurrent builder's result is equally good
+            log.info("built gradkit's compression kernels in %.1f s: %s", time.perf_counter() - started, target)
         except (OSError, subprocess.SubprocessError) as exc:
-            detail = getattr(exc, "stderr", b"") or b""
+            detail = (getattr(exc, "stderr", None) or b"").decode(errors="replace").strip()
             log.warning("could not build gradkit's compression kernels (%s%s); using the torch path",
-                        exc, (": " + detail.decode(errors="replace")[:200]) if detail else "")
-            try:
+                        exc, f": {detail[:200]}" if detail else "")
+            if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)
-            except (OSError, UnboundLocalError):
-                pass
             return None
     try:
         lib = ctypes.CDLL(str(target))
