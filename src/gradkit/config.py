@@ -50,6 +50,9 @@ class TrainConfig:
     activations: str = "exact"
     """How activations are kept for backward: a mode of ``gradkit.compress.MODES`` (``exact``,
     ``blpa8``, ``blpa4``, ``int8``, ``int4``, ``int2``, ``naive8``)."""
+    activation_group_size: int = 256
+    """Elements sharing one quantisation range in the generic path (a multiple of 8, at most 4096
+    for the fused kernels; smaller groups: tighter ranges, more range bytes)."""
     epochs: int = 5
     """Number of passes over the training set."""
     batch_size: int = 128
@@ -104,6 +107,9 @@ class TrainConfig:
             raise ConfigError(
                 f"unknown activations {self.activations!r}; choose one of: {', '.join(ACTIVATION_MODES)}"
             )
+        if self.activation_group_size < 8 or self.activation_group_size % 8:
+            raise ConfigError(f"--activation-group-size must be a positive multiple of 8, got "
+                              f"{self.activation_group_size}")
         if self.balance not in BALANCES:
             raise ConfigError(f"unknown balance {self.balance!r}; choose one of: {', '.join(BALANCES)}")
         for name in ("epochs", "batch_size", "eval_batch_size", "stages"):

@@ -248,7 +248,7 @@ class _Run:
             **config.method_options,
         )
         # --activations: low-bit copies of saved activations inside every step (exact: untouched).
-        self.activations = Activations(self.model, config.activations)
+        self.activations = Activations(self.model, config.activations, group_size=config.activation_group_size)
         self.activations.attach(self.method)
 
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0

@@ -26,6 +26,19 @@ def test_config_modes_mirror_the_registry_and_bad_values_are_one_line_errors(cap
         main(["train", "--out", "unused", "--activations", "int3"])
     assert exc.value.code == 2
     assert "int3" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="--activation-group-size must be a positive multiple of 8"):
+        gradkit.TrainConfig(activations="int4", activation_group_size=12)
+
+
+def test_activation_group_size_reaches_the_quantiser() -> None:
+    """Smaller groups: one float16 range per 64 values instead of per 256, i.e. more stored bytes."""
+    stored = {}
+    for size in (256, 64):
+        config = gradkit.TrainConfig(model="cnn", data="synthetic", epochs=1, batch_size=32, limit_train=64,
+                                     limit_test=32, activations="int4", activation_group_size=size,
+                                     progress=False)
+        stored[size] = gradkit.train(config).final["activation_bytes"]
+    assert stored[64] > stored[256]
 
 
 @pytest.mark.parametrize("method,stages", [("bp", 1), ("fr", 2)])

@@ -124,6 +124,9 @@ def add_training_args(parser: argparse.ArgumentParser, *, single_method: bool = 
                      help="activations kept for backward: exact, blpa8/blpa4 (BN->ReLU->Conv codes, "
                           "Chakrabarti & Moseley 2019), int8/int4/int2 (any model), naive8 "
                           "(quantised forward too); combinable with every method (default: %(default)s)")
+    how.add_argument("--activation-group-size", type=int, default=_DEFAULTS.activation_group_size,
+                     metavar="N", help="elements per quantisation range for the int modes and the "
+                                       "generic part of blpa (multiple of 8; default: %(default)s)")
     how.add_argument("--measure-direction", type=_positive_int, metavar="N",
                      help="every N steps also compute the true backprop gradient and log sigma = <grad f, g>/|grad f|^2 "
                           "and the cosine of the method's update g (per-epoch mean and min in metrics.jsonl)")
@@ -153,6 +156,7 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> TrainConf
         stage_sizes=getattr(args, "stage_sizes", None) or None,
         method_options=dict(getattr(args, "method_options", None) or []),
         activations=getattr(args, "activations", "exact"),
+        activation_group_size=getattr(args, "activation_group_size", _DEFAULTS.activation_group_size),
         epochs=args.epochs,
         batch_size=args.batch_size,
         optimizer=args.optimizer,

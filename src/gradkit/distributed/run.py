@@ -167,7 +167,7 @@ class _DistributedRun:
         self.stage_sizes = setup["stage_sizes"] or self._choose_split(setup["sample"])
         stages = split(self.model, sizes=self.stage_sizes)
         self.method = _build_method(config, stages)
-        self.activations = Activations(self.model, config.activations)
+        self.activations = Activations(self.model, config.activations, group_size=config.activation_group_size)
         self.method.prepare(setup["sample"].to(ctx.device))
         self.shared_memory = ctx.shared_memory()
         self.executor = DistributedExecutor(self.method.schedule, self.method.workers[self.rank],
