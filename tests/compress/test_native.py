@@ -155,3 +155,28 @@ def test_training_step_with_native_kernels_matches_torch_path_for_blpa(monkeypat
         result[path] = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     cos = F.cosine_similarity(result["native"], result["torch"], dim=0)
     assert cos > 0.99999
+
+
+@pytest.mark.usefixtures("native")
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_range_kernel_matches_torch_ranges(bits: int) -> None:
+    """Stored ranges (float16 when every group fits, else float32) and inv, bit for bit."""
+    from gradkit.compress import _quant
+
+    g = torch.Generator().manual_seed(0)
+    cases = {
+        "normal": torch.randn(300, 256, generator=g),
+        "relu": torch.randn(300, 256, generator=g).relu(),
+        "tiny_negative": torch.full((300, 256), -1e-9),  # rounds to -0 in float16: lo moves down
+        "huge": torch.randn(300, 256, generator=g) * 1e6,  # does not fit float16: float32 for all
+        "minuscule": torch.randn(300, 256, generator=g) * 1e-7,
+        "constant": torch.full((300, 256), 3.0),
+        "zeros": torch.zeros(300, 256),
+    }
+    for name, x in cases.items():
+        mn, mx = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
+        for numel in (x.numel(), 1000):  # above and below the float16 threshold
+            want = _quant._ranges_from(mn, mx, bits, numel)
+            got = _quant._native_ranges(_native.kernels(), mn, mx, bits, numel)
+            for w, o in zip(want, got, strict=True):
+                assert w.dtype == o.dtype and torch.equal(w, o), (name, numel)

@@ -9,6 +9,7 @@
  *
  * Code layout (as _quant._pack_codes): 8/bits codes per byte, code k of a byte in bits [bits*k, bits*(k+1)).
  */
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -78,6 +79,64 @@ REORDERABLE void gk_minmax(const float *x, int64_t n, int64_t gs, int64_t g0, in
         hi[g] = b;
     }
 }
+
+/* Stored ranges from the groups' minima/maxima, as _quant._ranges_from: lo = min(mn, 0); positives of
+ * a non-negative group (lo == 0) spread over levels - 1 steps. With try_half, lo and step are rounded
+ * outward to float16 (lo down, step up); if every group fits (finite, step 0 or normal) they are written
+ * to lo16/step16 and 1 is returned, else float32 ranges go to lo32/step32 and 0 is returned. inv is
+ * SAFETY/step (0 for a constant group) from the ranges returned. -1: no _Float16 in this compiler. */
+#ifdef __FLT16_MAX__
+static inline uint16_t half_bits(_Float16 h) { uint16_t b; memcpy(&b, &h, 2); return b; }
+static inline _Float16 half_from_bits(uint16_t b) { _Float16 h; memcpy(&h, &b, 2); return h; }
+
+static inline _Float16 half_down(_Float16 h) {  /* nextafter(h, -inf) */
+    uint16_t b = half_bits(h);
+    if ((b & 0x7fff) == 0) return half_from_bits(0x8001);
+    return half_from_bits(b & 0x8000 ? b + 1 : b - 1);
+}
+
+static inline _Float16 half_up(_Float16 h) {  /* nextafter(h, +inf) */
+    uint16_t b = half_bits(h);
+    if ((b & 0x7fff) == 0) return half_from_bits(0x0001);
+    return half_from_bits(b & 0x8000 ? b - 1 : b + 1);
+}
+
+int gk_ranges(const float *mn, const float *mx, int64_t groups, int bits, int try_half, float safety,
+              float *lo32, float *step32, void *lo16_out, void *step16_out, float *inv) {
+    _Float16 *lo16 = lo16_out, *step16 = step16_out;
+    const float top = (float)((1 << bits) - 1);
+    int fits = try_half;
+    for (int64_t g = 0; g < groups && fits; g++) {
+        const float lo = mn[g] < 0.0f ? mn[g] : 0.0f;
+        const float levels = lo == 0.0f ? top - 1.0f : top;
+        _Float16 l = (_Float16)lo;
+        if ((float)l > lo) l = half_down(l);
+        const float step = (mx[g] - (float)l) / levels;
+        _Float16 st = (_Float16)step;
+        if ((float)st < step) st = half_up(st);
+        const float lf = (float)l, sf = (float)st;
+        if (!isfinite(lf) || !isfinite(sf) || !(sf == 0.0f || sf >= 0x1p-14f)) fits = 0;
+        lo16[g] = l;
+        step16[g] = st;
+        inv[g] = sf > 0.0f ? (1.0f / sf) * safety : 0.0f; /* torch's scalar / tensor: reciprocal, then times */
+    }
+    if (fits) return 1;
+    for (int64_t g = 0; g < groups; g++) {
+        const float lo = mn[g] < 0.0f ? mn[g] : 0.0f;
+        const float levels = lo == 0.0f ? top - 1.0f : top;
+        const float step = (mx[g] - lo) / levels;
+        lo32[g] = lo;
+        step32[g] = step;
+        inv[g] = step > 0.0f ? (1.0f / (step > FLT_MIN ? step : FLT_MIN)) * safety : 0.0f;
+    }
+    return 0;
+}
+#else
+int gk_ranges(const float *mn, const float *mx, int64_t groups, int bits, int try_half, float safety,
+              float *lo32, float *step32, void *lo16_out, void *step16_out, float *inv) {
+    return -1;
+}
+#endif
 
 /* Codes of groups [g0, g1): q = (x - lo)*inv + shift + u truncated and clamped to [0, levels], where a
  * group with lo == 0 (non-negative) has shift 1 and gives code 0 to its zeros only (exact ReLU masks).

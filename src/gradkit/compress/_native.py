@@ -46,6 +46,7 @@ _PARALLEL_MIN = 1 << 18
 _I64, _U64, _INT, _P = ctypes.c_int64, ctypes.c_uint64, ctypes.c_int, ctypes.c_void_p
 _SIGNATURES: dict[str, list[type]] = {
     "gk_minmax": [_P, _I64, _I64, _I64, _I64, _P, _P],
+    "gk_ranges": [_P, _P, _I64, _INT, _INT, ctypes.c_float, _P, _P, _P, _P, _P],
     "gk_pack": [_P, _I64, _I64, _I64, _I64, _P, _P, _INT, _INT, _U64, _P, _P],
     "gk_unpack": [_P, _I64, _I64, _I64, _I64, _INT, _P, _P, _P, _P],
     "gk_moments": [_P, _I64, _I64, _I64, _I64, _P, _P, _P],
@@ -117,7 +118,7 @@ def _build() -> ctypes.CDLL | None:
     for name, argtypes in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes = argtypes
-        fn.restype = None
+        fn.restype = ctypes.c_int if name == "gk_ranges" else None
     return lib
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -289,9 +290,8 @@ def _pack_native(
     hi_raw = torch.empty(groups, 1)
     _native.parallel(lambda a, b: lib.gk_minmax(x.data_ptr(), n, group_size, a, b, lo_raw.data_ptr(),
                                                 hi_raw.data_ptr()), groups, n)
-    lo, step, inv = _ranges_from(lo_raw, hi_raw, bits, groups * group_size)
+    lo, step, inv = _native_ranges(lib, lo_raw, hi_raw, bits, groups * group_size)
     lo32 = lo.float().contiguous()
-    inv = inv.contiguous()
     if rounding == "nearest":
         mode, seed, noise_ptr = 0, 0, None
     elif noise is not None:
@@ -305,6 +305,22 @@ def _pack_native(
                                               inv.data_ptr(), bits, mode, seed % 2**64, noise_ptr,
                                               data.data_ptr()), groups, n)
     return Packed(data, lo, step, x.shape, x.dtype, bits)
+
+
+def _native_ranges(
+    lib: Any, lo_raw: torch.Tensor, hi_raw: torch.Tensor, bits: int, numel: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_ranges_from` in one C call (``gk_ranges``), falling back to torch without _Float16."""
+    groups = lo_raw.shape[0]
+    lo32, step32, inv = torch.empty(groups, 1), torch.empty(groups, 1), torch.empty(groups, 1)
+    lo16 = torch.empty(groups, 1, dtype=torch.float16)
+    step16 = torch.empty(groups, 1, dtype=torch.float16)
+    half = lib.gk_ranges(lo_raw.data_ptr(), hi_raw.data_ptr(), groups, bits, int(numel >= _HALF_RANGES_MIN),
+                         _SAFETY, lo32.data_ptr(), step32.data_ptr(), lo16.data_ptr(), step16.data_ptr(),
+                         inv.data_ptr())
+    if half < 0:
+        return _ranges_from(lo_raw, hi_raw, bits, numel)
+    return (lo16, step16, inv) if half else (lo32, step32, inv)
 
 
 def _random_bytes(n: int, device: torch.device) -> torch.Tensor:
