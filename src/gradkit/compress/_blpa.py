@@ -192,33 +192,45 @@ def _native_encode(
     return y, data
 
 
-def _torch_decode(
-    data: Tensor, packed_bits: int, shape: torch.Size, centre: Tensor, c_t: Tensor, scale_y: Tensor,
-    shift_y: Tensor, levels: int,
-) -> tuple[Tensor, Tensor]:
-    """``v`` (bin centres in v units) and the conv input ``y`` from the codes."""
-    codes = _unpack_codes(data, packed_bits).view(shape)
-    outside = _outside(c_t, levels)
-    centre = centre.view(1, -1, 1, 1)
-    v = torch.empty(shape, dtype=scale_y.dtype, device=codes.device)
-    y = torch.empty_like(v)
-    for sl in _blocks(v):
-        vb = torch.sub(codes[sl], centre, out=v[sl])
-        if outside:
-            _fix_outside_values(vb, codes[sl], c_t, levels)
-        torch.addcmul(shift_y, vb, scale_y, out=y[sl]).clamp_min_(0)
-    return v, y
+class _TorchBackward:
+    """The backward passes of one unit in cache-sized torch blocks; holds ``v`` (bin centres in v units)
+    as a float tensor between them."""
 
+    def __init__(self, data: Tensor, packed_bits: int, shape: torch.Size, centre: Tensor, c_t: Tensor,
+                 bits: int) -> None:
+        self.data, self.packed_bits, self.shape, self.c_t = data, packed_bits, shape, c_t
+        self.centre = centre.view(1, -1, 1, 1)
+        self.levels = 2**bits - 1
+        self.v = torch.empty(shape, dtype=centre.dtype, device=data.device)
 
-def _torch_mask_sums(grad_y: Tensor, y: Tensor, v: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor]:
-    dims = (0, 2, 3)
-    sum_g = torch.zeros_like(gamma)
-    sum_gv = torch.zeros_like(gamma)
-    for sl in _blocks(v):
-        gz = grad_y[sl].mul_(y[sl] > 0)
-        sum_g += gz.sum(dims)
-        sum_gv += (gz * v[sl]).sum(dims)
-    return sum_g, sum_gv
+    def decode(self, scale_y: Tensor, shift_y: Tensor) -> Tensor:
+        """The conv input ``y`` from the codes (filling ``v`` on the way)."""
+        codes = _unpack_codes(self.data, self.packed_bits).view(self.shape)
+        outside = _outside(self.c_t, self.levels)
+        y = torch.empty_like(self.v)
+        for sl in _blocks(self.v):
+            vb = torch.sub(codes[sl], self.centre, out=self.v[sl])
+            if outside:
+                _fix_outside_values(vb, codes[sl], self.c_t, self.levels)
+            torch.addcmul(shift_y, vb, scale_y, out=y[sl]).clamp_min_(0)
+        return y
+
+    def mask_sums(self, grad_y: Tensor, y: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Applies the ReLU mask to ``grad_y`` in place; returns per-channel Σ g and Σ g·v."""
+        dims = (0, 2, 3)
+        sum_g = torch.zeros(self.shape[1], dtype=dtype, device=y.device)
+        sum_gv = torch.zeros_like(sum_g)
+        for sl in _blocks(self.v):
+            gz = grad_y[sl].mul_(y[sl] > 0)
+            sum_g += gz.sum(dims)
+            sum_gv += (gz * self.v[sl]).sum(dims)
+        return sum_g, sum_gv
+
+    def grad_input(self, g: Tensor, xs: Tensor, xt: Tensor, m_g: Tensor, m_gx: Tensor, k: Tensor) -> None:
+        """The BatchNorm input gradient ``(g - m_g - x̂·m_gx)·k``, in place on ``g``."""
+        for sl in _blocks(self.v):
+            xhat = torch.addcmul(xt, self.v[sl], xs)
+            g[sl].sub_(m_g).sub_(xhat.mul_(m_gx)).mul_(k)
 
 
 class _NativeBackward:
@@ -249,7 +261,7 @@ class _NativeBackward:
         return s1.to(dtype), s2.to(dtype)
 
     def grad_input(self, g: Tensor, xs: Tensor, xt: Tensor, m_g: Tensor, m_gx: Tensor, k: Tensor) -> None:
-        """The BatchNorm input gradient, in place on ``g``."""
+        """The BatchNorm input gradient ``(g - m_g - x̂·m_gx)·k``, in place on ``g``."""
         vec = [t.reshape(-1).float().contiguous() for t in (xs, xt, m_g, m_gx, k)]
         _native.parallel(lambda a, b: self.lib.gk_blpa_grad_input(
             g.data_ptr(), self.data.data_ptr(), a, b, self.c, self.hw, self.centre.data_ptr(),
@@ -309,15 +321,10 @@ class _BNReLUConv(torch.autograd.Function):
         data, weight, gamma, invstd, sign, t, c_t, scale_y, shift_y = ctx.saved_tensors
         s = ctx.bin_width
         shape = (1, -1, 1, 1)
-        levels = 2**ctx.bits - 1
         centre = c_t - 0.5
-        native: _NativeBackward | None = None
-        v: Tensor | None = None
-        if ctx.native:
-            native = _NativeBackward(data, ctx.shape, centre, c_t, ctx.bits)
-            y = native.decode(scale_y, shift_y)
-        else:
-            v, y = _torch_decode(data, ctx.packed_bits, ctx.shape, centre, c_t, scale_y, shift_y, levels)
+        passes = (_NativeBackward(data, ctx.shape, centre, c_t, ctx.bits) if ctx.native
+                  else _TorchBackward(data, ctx.packed_bits, ctx.shape, centre, c_t, ctx.bits))
+        y = passes.decode(scale_y, shift_y)
         stride, padding, dilation, groups = ctx.conv
         need_x, need_g, need_b, need_w, need_bias = ctx.needs_input_grad[:5]
         grad_y, grad_w, grad_bias = torch.ops.aten.convolution_backward(
@@ -328,12 +335,8 @@ class _BNReLUConv(torch.autograd.Function):
         grad_x = grad_gamma = grad_beta = None
         if grad_y is not None:
             # Exact mask: y > 0 exactly when the code is above c_t.
-            if native is not None:
-                grad_y = grad_y.contiguous()
-                sum_g, sum_gv = native.mask_sums(grad_y, y, gamma.dtype)
-            else:
-                assert v is not None
-                sum_g, sum_gv = _torch_mask_sums(grad_y, y, v, gamma)
+            grad_y = grad_y.contiguous()
+            sum_g, sum_gv = passes.mask_sums(grad_y, y, gamma.dtype)
             del y
             grad_z = grad_y
             # x̂ = sign·(t + s·v), so Σ g·x̂ follows from Σ g and Σ g·v.
@@ -348,13 +351,7 @@ class _BNReLUConv(torch.autograd.Function):
                     m_g = (sum_g / n).view(shape)
                     m_gx = (sum_gxhat / n).view(shape)
                     xs, xt = (sign * s).view(shape), (sign * t).view(shape)
-                    if native is not None:
-                        native.grad_input(grad_z, xs, xt, m_g, m_gx, k)
-                    else:
-                        assert v is not None
-                        for sl in _blocks(v):
-                            xhat = torch.addcmul(xt, v[sl], xs)
-                            grad_z[sl].sub_(m_g).sub_(xhat.mul_(m_gx)).mul_(k)
+                    passes.grad_input(grad_z, xs, xt, m_g, m_gx, k)
                     grad_x = grad_z
                 else:
                     grad_x = grad_z.mul_(k)

@@ -62,6 +62,16 @@ _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 
 
+def _forget_pool() -> None:
+    # A forked child inherits the pool object but not its threads.
+    global _pool, _pool_size
+    _pool, _pool_size = None, 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def _cpu_key() -> str:
     """What -march=native depends on: the CPU's model and feature flags."""
     try:
