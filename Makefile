@@ -3,7 +3,8 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 # A bare `torch` requirement pulls several GB of CUDA wheels; pin the CPU build when torch is missing.
 TORCH_PIN ?= torch==2.13.0
-DEMO_OUT ?= runs/demo
+# A new folder per run: a finished demo is never overwritten, and `make demo` can be run again.
+DEMO_OUT ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: install demo test lint bench-overhead clean
 
