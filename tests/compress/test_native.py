@@ -177,6 +177,7 @@ def test_range_kernel_matches_torch_ranges(bits: int) -> None:
         mn, mx = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
         for numel in (x.numel(), 1000):  # above and below the float16 threshold
             want = _quant._ranges_from(mn, mx, bits, numel)
-            got = _quant._native_ranges(_native.kernels(), mn, mx, bits, numel)
+            *got, lo32 = _quant._native_ranges(_native.kernels(), mn, mx, bits, numel)
             for w, o in zip(want, got, strict=True):
                 assert w.dtype == o.dtype and torch.equal(w, o), (name, numel)
+            assert lo32.dtype == torch.float32 and torch.equal(lo32, want[0].float()), (name, numel)

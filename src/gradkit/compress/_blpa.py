@@ -76,15 +76,16 @@ def _native_ok(x: torch.Tensor, bits: int = 8) -> bool:
 def _per_channel_sums(run: Callable[[int, int, int, int], None], x: torch.Tensor) -> tuple[Tensor, Tensor]:
     """Two per-channel float64 sums accumulated by ``run(begin, end, out1, out2)`` over sample ranges
     (one pair of accumulators per thread, added at the end)."""
-    parts: list[tuple[Tensor, Tensor]] = []
+    parts: list[Tensor] = []
 
     def work(a: int, b: int) -> None:
-        pair = (torch.zeros(x.shape[1], dtype=torch.float64), torch.zeros(x.shape[1], dtype=torch.float64))
-        run(a, b, pair[0].data_ptr(), pair[1].data_ptr())
-        parts.append(pair)
+        sums = torch.zeros(2, x.shape[1], dtype=torch.float64)
+        run(a, b, sums[0].data_ptr(), sums[1].data_ptr())
+        parts.append(sums)
 
     _native.parallel(work, x.shape[0], x.numel())
-    return sum(p[0] for p in parts[1:]) + parts[0][0], sum(p[1] for p in parts[1:]) + parts[0][1]
+    total = torch.stack(parts).sum(0)
+    return total[0], total[1]
 
 
 def _native_moments(x: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:

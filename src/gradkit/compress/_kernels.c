@@ -83,8 +83,9 @@ REORDERABLE void gk_minmax(const float *x, int64_t n, int64_t gs, int64_t g0, in
 /* Stored ranges from the groups' minima/maxima, as _quant._ranges_from: lo = min(mn, 0); positives of
  * a non-negative group (lo == 0) spread over levels - 1 steps. With try_half, lo and step are rounded
  * outward to float16 (lo down, step up); if every group fits (finite, step 0 or normal) they are written
- * to lo16/step16 and 1 is returned, else float32 ranges go to lo32/step32 and 0 is returned. inv is
- * SAFETY/step (0 for a constant group) from the ranges returned. -1: no _Float16 in this compiler. */
+ * to lo16/step16 and 1 is returned, else float32 ranges go to step32 and 0 is returned. lo32 always
+ * holds the lo that codes are computed against (the float16 value widened, when stored as float16) and
+ * inv SAFETY/step (0 for a constant group). -1: no _Float16 in this compiler. */
 #ifdef __FLT16_MAX__
 static inline uint16_t half_bits(_Float16 h) { uint16_t b; memcpy(&b, &h, 2); return b; }
 static inline _Float16 half_from_bits(uint16_t b) { _Float16 h; memcpy(&h, &b, 2); return h; }
@@ -118,6 +119,7 @@ int gk_ranges(const float *mn, const float *mx, int64_t groups, int bits, int tr
         if (!isfinite(lf) || !isfinite(sf) || !(sf == 0.0f || sf >= 0x1p-14f)) fits = 0;
         lo16[g] = l;
         step16[g] = st;
+        lo32[g] = lf;
         inv[g] = sf > 0.0f ? (1.0f / sf) * safety : 0.0f; /* torch's scalar / tensor: reciprocal, then times */
     }
     if (fits) return 1;
@@ -225,12 +227,12 @@ REORDERABLE void gk_moments(const float *x, int64_t n0, int64_t n1, int64_t c_co
 }
 
 /* v of m packed codes, in bin units relative to the ReLU threshold: the bin centre code - centre, and for
- * a channel whose threshold lies below (low) or above (high) the window the reserved end code just
- * across the threshold (see _blpa._fix_outside_values). The rare fix-up runs separately so that the
- * main loop vectorises. */
-static inline void load_values(const uint8_t *packed, int64_t m, int bits, float centre, int low, int high,
-                               float *v) {
+ * a channel whose threshold code ct lies below (ct < 1) or above (ct > levels) the window the reserved
+ * end code just across the threshold (see _blpa._fix_outside_values). The rare fix-up runs separately
+ * so that the main loop vectorises. */
+static inline void load_values(const uint8_t *packed, int64_t m, int bits, float centre, float ct, float *v) {
     const int levels = (1 << bits) - 1;
+    const int low = ct < 1.0f, high = ct > (float)levels;
     uint8_t codes[MAX_GROUP];
     load_codes(packed, m, bits, codes);
     for (int64_t i = 0; i < m; i++) v[i] = (float)codes[i] - centre;
@@ -278,16 +280,14 @@ void gk_blpa_encode(const float *x, int64_t n0, int64_t n1, int64_t c_count, int
 void gk_blpa_decode(const uint8_t *packed, int64_t n0, int64_t n1, int64_t c_count, int64_t hw,
                     const float *centre, const float *c_t, const float *scale_y, const float *shift_y,
                     int bits, float *y) {
-    const int levels = (1 << bits) - 1;
     float v[MAX_GROUP];
     for (int64_t n = n0; n < n1; n++)
         for (int64_t c = 0; c < c_count; c++) {
             const int64_t base = (n * c_count + c) * hw;
-            const float ce = centre[c], sy = scale_y[c], hy = shift_y[c];
-            const int low = c_t[c] < 1.0f, high = c_t[c] > (float)levels;
+            const float sy = scale_y[c], hy = shift_y[c];
             for (int64_t i0 = 0; i0 < hw; i0 += MAX_GROUP) {
                 const int64_t m = hw - i0 < MAX_GROUP ? hw - i0 : MAX_GROUP;
-                load_values(packed + (base + i0) * bits / 8, m, bits, ce, low, high, v);
+                load_values(packed + (base + i0) * bits / 8, m, bits, centre[c], c_t[c], v);
                 float *q = y + base + i0;
                 for (int64_t i = 0; i < m; i++) {
                     float t = fmaf(v[i], sy, hy);
@@ -301,17 +301,14 @@ void gk_blpa_decode(const uint8_t *packed, int64_t n0, int64_t n1, int64_t c_cou
 REORDERABLE void gk_blpa_mask_sums(float *g, const float *y, const uint8_t *packed, int64_t n0, int64_t n1,
                        int64_t c_count, int64_t hw, const float *centre, const float *c_t, int bits,
                        double *sum_g, double *sum_gv) {
-    const int levels = (1 << bits) - 1;
     float v[MAX_GROUP];
     for (int64_t n = n0; n < n1; n++)
         for (int64_t c = 0; c < c_count; c++) {
             const int64_t base = (n * c_count + c) * hw;
-            const float ce = centre[c];
-            const int low = c_t[c] < 1.0f, high = c_t[c] > (float)levels;
             double a = 0.0, b = 0.0;
             for (int64_t i0 = 0; i0 < hw; i0 += MAX_GROUP) {
                 const int64_t m = hw - i0 < MAX_GROUP ? hw - i0 : MAX_GROUP;
-                load_values(packed + (base + i0) * bits / 8, m, bits, ce, low, high, v);
+                load_values(packed + (base + i0) * bits / 8, m, bits, centre[c], c_t[c], v);
                 float *q = g + base + i0;
                 const float *r = y + base + i0;
                 for (int64_t i = 0; i < m; i++) {
@@ -330,17 +327,14 @@ REORDERABLE void gk_blpa_mask_sums(float *g, const float *y, const uint8_t *pack
 void gk_blpa_grad_input(float *g, const uint8_t *packed, int64_t n0, int64_t n1, int64_t c_count,
                         int64_t hw, const float *centre, const float *c_t, const float *xs,
                         const float *xt, const float *m_g, const float *m_gx, const float *k, int bits) {
-    const int levels = (1 << bits) - 1;
     float v[MAX_GROUP];
     for (int64_t n = n0; n < n1; n++)
         for (int64_t c = 0; c < c_count; c++) {
             const int64_t base = (n * c_count + c) * hw;
-            const int low = c_t[c] < 1.0f, high = c_t[c] > (float)levels;
-            const float ce = centre[c], s = xs[c], t = xt[c], mg = m_g[c], mgx = m_gx[c],
-                        kk = k[c];
+            const float s = xs[c], t = xt[c], mg = m_g[c], mgx = m_gx[c], kk = k[c];
             for (int64_t i0 = 0; i0 < hw; i0 += MAX_GROUP) {
                 const int64_t m = hw - i0 < MAX_GROUP ? hw - i0 : MAX_GROUP;
-                load_values(packed + (base + i0) * bits / 8, m, bits, ce, low, high, v);
+                load_values(packed + (base + i0) * bits / 8, m, bits, centre[c], c_t[c], v);
                 float *q = g + base + i0;
                 for (int64_t i = 0; i < m; i++) {
                     float xhat = fmaf(v[i], s, t);

@@ -92,7 +92,7 @@ def _compiler() -> str | None:
 def _build() -> ctypes.CDLL | None:
     if os.environ.get("GRADKIT_KERNELS", "").lower() == "torch":
         return None
-    if platform.system() != "Linux" and platform.system() != "Darwin":
+    if platform.system() not in ("Linux", "Darwin"):
         return None
     cc = _compiler()
     if cc is None:
@@ -150,17 +150,18 @@ def parallel(work: Callable[[int, int], None], total: int, elements: int) -> Non
     """Run ``work(begin, end)`` over ``[0, total)``, split across torch's thread count when
     ``elements`` (the data size behind ``total``) makes it worthwhile."""
     global _pool, _pool_size
-    threads = min(torch.get_num_threads(), total)
-    if threads <= 1 or elements < _PARALLEL_MIN:
+    threads = torch.get_num_threads()
+    chunks = min(threads, total)
+    if chunks <= 1 or elements < _PARALLEL_MIN:
         work(0, total)
         return
-    if _pool is None or _pool_size != threads:
+    if _pool is None or _pool_size != threads:  # rebuilt only when torch's thread count changes
         if _pool is not None:
             _pool.shutdown(wait=False)
         _pool = ThreadPoolExecutor(threads, thread_name_prefix="gradkit-kernels")
         _pool_size = threads
-    bounds = [total * i // threads for i in range(threads + 1)]
-    futures = [_pool.submit(work, bounds[i], bounds[i + 1]) for i in range(1, threads)]
+    bounds = [total * i // chunks for i in range(chunks + 1)]
+    futures = [_pool.submit(work, bounds[i], bounds[i + 1]) for i in range(1, chunks)]
     work(bounds[0], bounds[1])
     for f in futures:
         f.result()

@@ -290,8 +290,7 @@ def _pack_native(
     hi_raw = torch.empty(groups, 1)
     _native.parallel(lambda a, b: lib.gk_minmax(x.data_ptr(), n, group_size, a, b, lo_raw.data_ptr(),
                                                 hi_raw.data_ptr()), groups, n)
-    lo, step, inv = _native_ranges(lib, lo_raw, hi_raw, bits, groups * group_size)
-    lo32 = lo.float().contiguous()
+    lo, step, inv, lo32 = _native_ranges(lib, lo_raw, hi_raw, bits, groups * group_size)
     if rounding == "nearest":
         mode, seed, noise_ptr = 0, 0, None
     elif noise is not None:
@@ -309,8 +308,9 @@ def _pack_native(
 
 def _native_ranges(
     lib: Any, lo_raw: torch.Tensor, hi_raw: torch.Tensor, bits: int, numel: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`_ranges_from` in one C call (``gk_ranges``), falling back to torch without _Float16."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_ranges_from` in one C call (``gk_ranges``), falling back to torch without _Float16;
+    also returns ``lo`` as float32, which the codes are computed against."""
     groups = lo_raw.shape[0]
     lo32, step32, inv = torch.empty(groups, 1), torch.empty(groups, 1), torch.empty(groups, 1)
     lo16 = torch.empty(groups, 1, dtype=torch.float16)
@@ -319,8 +319,9 @@ def _native_ranges(
                          _SAFETY, lo32.data_ptr(), step32.data_ptr(), lo16.data_ptr(), step16.data_ptr(),
                          inv.data_ptr())
     if half < 0:
-        return _ranges_from(lo_raw, hi_raw, bits, numel)
-    return (lo16, step16, inv) if half else (lo32, step32, inv)
+        lo, step, inv = _ranges_from(lo_raw, hi_raw, bits, numel)
+        return lo, step, inv, lo.float().contiguous()
+    return (lo16, step16, inv, lo32) if half else (lo32, step32, inv, lo32)
 
 
 def _random_bytes(n: int, device: torch.device) -> torch.Tensor:
