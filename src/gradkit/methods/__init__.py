@@ -2,7 +2,13 @@
 
 from gradkit.methods._base import LossFn, Method
 from gradkit.methods._pipelined import PipelineMethod
-from gradkit.methods._registry import METHODS, build, method_options
+from gradkit.methods._registry import (
+    METHODS,
+    build,
+    method_options,
+    stage_parallel_class,
+    stage_parallel_names,
+)
 from gradkit.methods.backprop import Backprop
 from gradkit.methods.delayed_gradients import DelayedGradients
 from gradkit.methods.features_replay import FeaturesReplay
@@ -26,4 +32,6 @@ __all__ = [
     "SyntheticGradients",
     "build",
     "method_options",
+    "stage_parallel_class",
+    "stage_parallel_names",
 ]

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from gradkit.optim import OptimizerConfig, OptimizerFactory
+
+if TYPE_CHECKING:
+    from gradkit.methods._pipelined import PipelineMethod
 
 __all__ = ["Method", "LossFn"]
 
@@ -33,6 +36,15 @@ class Method(ABC):
     """
 
     name: str = ""
+
+    @classmethod
+    def stage_parallel_form(cls) -> type[PipelineMethod] | None:
+        """The class that runs this method with one process per stage (``--workers``), or None.
+
+        A :class:`~gradkit.methods.PipelineMethod` is its own stage-parallel form; ``bp`` answers with
+        its synchronous pipeline; methods that need the whole model in one process answer None.
+        """
+        return None
 
     def __init__(
         self,

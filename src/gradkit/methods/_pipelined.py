@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -30,6 +30,21 @@ class PipelineMethod(Method):
         stages, loss_fn, optimizer: see :class:`Method`.
         record_timeline: keep every executed (step, stage, action, batch) in ``executor.timeline``.
     """
+
+    backward_locked: ClassVar[bool] = False
+    """Whether a stage waits for the backward pass of the stages above it (the synchronous pipeline).
+    The balancer then predicts a step as the sum of the stages, not as the slowest one."""
+
+    @classmethod
+    def stage_parallel_form(cls) -> type[PipelineMethod]:
+        return cls
+
+    @classmethod
+    def block_seconds(cls, forward_s: float, backward_s: float, *, last: bool,
+                      synthesizer_fraction: float = 0.0) -> float:
+        """Compute seconds per step of one block (profiled forward and backward) in a stage that is,
+        or is not, the last one; the balancer (:mod:`gradkit.stages.cost_model`) sums these per stage."""
+        return forward_s + backward_s
 
     def __init__(
         self,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -13,7 +13,10 @@ from gradkit.methods._base import LossFn, Method
 from gradkit.optim import OptimizerFactory
 from gradkit.registry import Registry
 
-__all__ = ["METHODS", "build", "method_options"]
+if TYPE_CHECKING:
+    from gradkit.methods._pipelined import PipelineMethod
+
+__all__ = ["METHODS", "build", "method_options", "stage_parallel_class", "stage_parallel_names"]
 
 METHODS: Registry[type[Method]] = Registry("method")
 
@@ -26,6 +29,22 @@ def method_options(name: str) -> set[str]:
         for p in inspect.signature(cls.__init__).parameters.values()
         if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in ("loss_fn", "optimizer")
     }
+
+
+def stage_parallel_class(name: str) -> type[PipelineMethod] | None:
+    """The class that runs method ``name`` with one process per stage, or None if it cannot.
+
+    ``fr``, ``ddg`` and ``dni`` are their own; ``bp`` maps to its synchronous pipeline.
+
+    Raises:
+        ConfigError: the name is unknown.
+    """
+    return METHODS.get(name).stage_parallel_form()
+
+
+def stage_parallel_names() -> list[str]:
+    """Registered methods that can run one process per stage (``--workers``, the balancer)."""
+    return [name for name in METHODS.names() if stage_parallel_class(name) is not None]
 
 
 def build(

@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from gradkit.methods._base import LossFn, Method
+from gradkit.methods._pipelined import PipelineMethod
 from gradkit.methods._registry import METHODS
+from gradkit.methods.synchronous import SynchronousPipeline
 from gradkit.optim import OptimizerFactory
 
 __all__ = ["Backprop"]
@@ -23,6 +25,12 @@ class Backprop(Method):
     """
 
     name = "bp"
+
+    @classmethod
+    def stage_parallel_form(cls) -> type[PipelineMethod]:
+        # One process per stage cannot run one optimizer over the whole model: the stages run
+        # backprop as a synchronous pipeline instead, which computes the same updates.
+        return SynchronousPipeline
 
     def __init__(
         self,

@@ -117,6 +117,13 @@ class FeaturesReplay(PipelineMethod):
             for group in self.workers[0].optimizer.param_groups:
                 group["lr"] *= 2.0
 
+    @classmethod
+    def block_seconds(cls, forward_s: float, backward_s: float, *, last: bool,
+                      synthesizer_fraction: float = 0.0) -> float:
+        # Every stage but the last plays the new batch forward without a graph, then replays an
+        # older one forward and backward: 2F + B (Algorithm 1). The last stage runs F + B once.
+        return forward_s + backward_s if last else 2 * forward_s + backward_s
+
     def make_schedule(self, num_stages: int) -> Schedule:
         return ReplaySchedule(num_stages)
 

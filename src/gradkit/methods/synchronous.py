@@ -57,6 +57,7 @@ class SynchronousPipeline(PipelineMethod):
     """Backprop split into K stage workers (``bp`` computed the way a stage-parallel executor runs it)."""
 
     name = "bp-pipeline"
+    backward_locked = True
 
     def make_schedule(self, num_stages: int) -> Schedule:
         return SynchronousSchedule(num_stages)

@@ -230,6 +230,13 @@ class SyntheticGradients(PipelineMethod):
         self.synthesizer_hidden = synthesizer_hidden
         super().__init__(stages, loss_fn=loss_fn, optimizer=optimizer, record_timeline=record_timeline)
 
+    @classmethod
+    def block_seconds(cls, forward_s: float, backward_s: float, *, last: bool,
+                      synthesizer_fraction: float = 0.0) -> float:
+        # Every stage but the last also runs and fits its synthesizer, a fraction of its F + B.
+        both = forward_s + backward_s
+        return both if last else both * (1 + synthesizer_fraction)
+
     def make_schedule(self, num_stages: int) -> Schedule:
         return SyntheticGradientSchedule(num_stages, locked_steps=self.warmup_steps,
                                          always_locked=self.true_gradient_mix > 0)
