@@ -118,8 +118,8 @@ def test_resume_refuses_changed_options(tmp_path: Path, blobs: Dataset) -> None:
 
 
 def test_resume_can_extend_epochs(tmp_path: Path, blobs: Dataset) -> None:
-    train(config(tmp_path / "run", epochs=1, schedule="constant"), dataset=blobs)
-    result = train(config(tmp_path / "run", epochs=2, schedule="constant", resume=True), dataset=blobs)
+    train(config(tmp_path / "run", epochs=1, lr_schedule="constant"), dataset=blobs)
+    result = train(config(tmp_path / "run", epochs=2, lr_schedule="constant", resume=True), dataset=blobs)
     assert [r["epoch"] for r in result.history] == [1, 2]
 
 

@@ -43,7 +43,7 @@ def test_optimizer_factory_builds_configured_optimizers() -> None:
         ({"optimizer": "rmsprop"}, "unknown optimizer 'rmsprop'"),
         ({"epochs": 0}, "--epochs must be a positive integer"),
         ({"lr": float("nan")}, "--lr must be a finite number"),
-        ({"schedule": "step"}, "choose one of: constant, multistep, cosine"),
+        ({"lr_schedule": "step"}, "choose one of: constant, multistep, cosine"),
         ({"resume": True}, "--resume needs --out"),
         ({"momentum": 0.0}, "Nesterov momentum needs momentum > 0"),
     ],

@@ -109,7 +109,7 @@ def train_all(profile: Profile, out: Path, args: argparse.Namespace) -> None:
         config = gradkit.TrainConfig(
             method=method, model=model, data="cifar10", stages=k, balance="time",
             epochs=profile.epochs[model], batch_size=128, optimizer="sgd", lr=profile.lr, momentum=0.9,
-            nesterov=True, weight_decay=5e-4, schedule="multistep", seed=0, threads=args.threads,
+            nesterov=True, weight_decay=5e-4, lr_schedule="multistep", seed=0, threads=args.threads,
             device=args.device, out=str(folder), resume=(folder / "checkpoint.pt").is_file(),
             measure_direction=profile.measure_direction, progress=not args.no_progress,
             limit_train=profile.limit_train, limit_test=profile.limit_test,

@@ -69,7 +69,7 @@ def bare_pytorch_epochs(dataset, *, epochs: int, batch_size: int, lr: float, see
 def gradkit_epochs(dataset, *, epochs: int, batch_size: int, lr: float, seed: int) -> list[float]:
     config = gradkit.TrainConfig(
         method="bp", model="resnet20", data="cifar10", epochs=epochs, batch_size=batch_size,
-        lr=lr, schedule="constant", seed=seed, progress=True, out=None,
+        lr=lr, lr_schedule="constant", seed=seed, progress=True, out=None,
     )
     result = gradkit.train(config, dataset=dataset)
     return [h["samples_per_second"] for h in result.history]

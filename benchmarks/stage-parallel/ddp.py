@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-_CURVE_POINTS_PER_EPOCH = 10  # as in gradkit.loop
+_CURVE_POINTS_PER_EPOCH = 10  # as gradkit.tally.CURVE_POINTS_PER_EPOCH
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,7 +73,7 @@ def _train_config(args: argparse.Namespace):
     return gradkit.TrainConfig(
         method="bp", model=args.model, data=args.data, data_dir=args.data_dir, epochs=args.epochs,
         batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, optimizer="sgd", lr=args.lr,
-        momentum=args.momentum, nesterov=True, weight_decay=args.weight_decay, schedule=args.schedule,
+        momentum=args.momentum, nesterov=True, weight_decay=args.weight_decay, lr_schedule=args.schedule,
         seed=args.seed, threads=args.threads, device="cpu", limit_train=args.limit_train,
         limit_test=args.limit_test, progress=False, out=args.out,
     )
@@ -142,7 +142,7 @@ def _worker(rank: int, args: argparse.Namespace, port: int) -> None:
         optimizer = config.optimizer_config().factory()(ddp.parameters())
         for group in optimizer.param_groups:
             group["initial_lr"] = group["lr"]
-        schedule = config.lr_schedule()
+        schedule = config.learning_rate_schedule()
         loss_fn = torch.nn.functional.cross_entropy
         steps_per_epoch = len(train_loader)
         window = max(1, steps_per_epoch // _CURVE_POINTS_PER_EPOCH)
@@ -226,7 +226,7 @@ def _worker(rank: int, args: argparse.Namespace, port: int) -> None:
 
 
 def _evaluate(model, loader, loss_fn) -> tuple[float, float]:
-    """Mean loss and accuracy of ``model`` over ``loader`` (gradkit.loop.evaluate's rule)."""
+    """Mean loss and accuracy of ``model`` over ``loader`` (gradkit.evaluate's rule)."""
     import torch
 
     loss_sum, correct, count = 0.0, 0, 0

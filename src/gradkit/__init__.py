@@ -12,11 +12,13 @@ Example:
 """
 
 from gradkit import data, memory, methods, models
+from gradkit.backend import evaluate
 from gradkit.config import TrainConfig
-from gradkit.errors import ConfigError, DataError, GradkitError, TrainingDiverged
-from gradkit.loop import RunInterrupted, RunResult, evaluate, train
+from gradkit.errors import ConfigError, DataError, GradkitError, RunInterrupted, TrainingDiverged
+from gradkit.loop import RunResult
 from gradkit.models import build_model
 from gradkit.stages import split
+from gradkit.training import train
 
 __version__ = "0.1.0"
 

@@ -13,9 +13,9 @@ from typing import Any
 from gradkit.config import TrainConfig
 from gradkit.data import Dataset, load_dataset
 from gradkit.errors import ConfigError, TrainingDiverged
-from gradkit.loop import train
 from gradkit.methods import METHODS, method_options
 from gradkit.runs import format_bytes, format_table, read_run
+from gradkit.training import train
 
 __all__ = ["CompareRow", "DEFAULT_METHODS", "compare", "format_comparison"]
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gradkit.errors import ConfigError
-from gradkit.optim import OPTIMIZERS, SCHEDULES, LRSchedule, OptimizerConfig
+from gradkit.optim import LR_SCHEDULES, OPTIMIZERS, LRSchedule, OptimizerConfig
 
 __all__ = ["TrainConfig", "BALANCES"]
 
@@ -69,8 +70,10 @@ class TrainConfig:
     """Nesterov momentum for SGD."""
     weight_decay: float = 5e-4
     """L2 weight decay."""
-    schedule: str = "cosine"
+    lr_schedule: str = "cosine"
     """Learning-rate schedule: ``constant``, ``multistep`` or ``cosine``."""
+    schedule: dataclasses.InitVar[str | None] = None
+    """Deprecated name of ``lr_schedule`` (kept for one release)."""
     milestones: tuple[int, ...] = ()
     """Epochs where ``multistep`` divides the rate by 10 (default: 50% and 75% of training)."""
     seed: int = 0
@@ -94,14 +97,18 @@ class TrainConfig:
     progress: bool = True
     """Show a progress bar."""
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, schedule: str | None) -> None:
+        if schedule is not None:
+            warnings.warn("TrainConfig(schedule=...) is renamed lr_schedule=; the old name goes in the next "
+                          "release", DeprecationWarning, stacklevel=3)
+            self.lr_schedule = schedule
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(
                 f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}"
             )
-        if self.schedule not in SCHEDULES:
+        if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(
-                f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}"
+                f"unknown lr schedule {self.lr_schedule!r}; choose one of: {', '.join(LR_SCHEDULES)}"
             )
         if self.activations not in ACTIVATION_MODES:
             raise ConfigError(
@@ -136,7 +143,7 @@ class TrainConfig:
                 )
         # Building these validates momentum, weight decay and milestones now, not mid-run.
         self.optimizer_config()
-        self.lr_schedule()
+        self.learning_rate_schedule()
 
     @property
     def effective_lr(self) -> float:
@@ -155,9 +162,9 @@ class TrainConfig:
             weight_decay=self.weight_decay,
         )
 
-    def lr_schedule(self) -> LRSchedule:
+    def learning_rate_schedule(self) -> LRSchedule:
         """The learning-rate schedule this run uses."""
-        return LRSchedule(kind=self.schedule, milestones=self.milestones)
+        return LRSchedule(kind=self.lr_schedule, milestones=self.milestones)
 
     @property
     def out_path(self) -> Path | None:
@@ -175,6 +182,8 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         """Inverse of :meth:`to_dict`; unknown keys are ignored (older or newer gradkit)."""
         names = {f.name for f in dataclasses.fields(cls)}
+        if "schedule" in d and "lr_schedule" not in d:  # written before the rename
+            d = {**d, "lr_schedule": d["schedule"]}
         kwargs = {k: v for k, v in d.items() if k in names}
         if "milestones" in kwargs:
             kwargs["milestones"] = tuple(kwargs["milestones"])

@@ -17,7 +17,7 @@ training step of any method:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -48,8 +48,14 @@ def true_gradient(method: Method, x: torch.Tensor, y: torch.Tensor) -> list[torc
     return [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params, strict=True)]
 
 
-def measure_direction(method: Method, x: torch.Tensor, y: torch.Tensor) -> tuple[float, DirectionSample | None]:
+def measure_direction(
+    method: Method, x: torch.Tensor, y: torch.Tensor,
+    step: Callable[[torch.Tensor, torch.Tensor], float] | None = None,
+) -> tuple[float, DirectionSample | None]:
     """Run one training step of ``method`` on (x, y) and measure its update direction.
+
+    ``step`` runs the step (default ``method.step``; e.g. wrapped by ``Activations.wrap``); the true
+    gradient is always computed with exact activations.
 
     Returns:
         The step's loss and the sample; None when no stage updated (pipeline warm-up) or ∇f is 0.
@@ -65,7 +71,7 @@ def measure_direction(method: Method, x: torch.Tensor, y: torch.Tensor) -> tuple
 
     method.update_observers.append(observe)
     try:
-        loss = method.step(x, y)
+        loss = (step or method.step)(x, y)
     finally:
         method.update_observers.remove(observe)
     dot = norm_f = norm_g = 0.0

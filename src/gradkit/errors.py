@@ -7,7 +7,15 @@ users can catch it as one type. Messages name the bad value and say what would w
 
 from __future__ import annotations
 
-__all__ = ["GradkitError", "DataError", "ConfigError", "TrainingDiverged"]
+__all__ = [
+    "GradkitError",
+    "DataError",
+    "ConfigError",
+    "TrainingDiverged",
+    "RunInterrupted",
+    "WorkerFailed",
+    "PeerFailed",
+]
 
 
 class GradkitError(Exception):
@@ -36,3 +44,21 @@ class TrainingDiverged(GradkitError):
     def __init__(self, message: str, *, where: str = "") -> None:
         super().__init__(message)
         self.where = where
+
+
+class RunInterrupted(GradkitError):
+    """Training stopped on Ctrl-C or SIGTERM; a checkpoint of the exact position was saved."""
+
+    exit_code = 130
+
+
+class WorkerFailed(GradkitError):
+    """A worker process of a multi-process run failed; its own message was printed by it."""
+
+    exit_code = 1
+
+
+class PeerFailed(GradkitError):
+    """Another rank of a multi-process run failed, so this one stopped."""
+
+    exit_code = 1

@@ -147,7 +147,8 @@ def _storages(tensors: Iterable[torch.Tensor]) -> dict[int, torch.UntypedStorage
     return {t.untyped_storage().data_ptr(): t.untyped_storage() for t in tensors}
 
 
-def measure_step(method, x: torch.Tensor, y: torch.Tensor) -> tuple[float, MemoryReport]:  # noqa: ANN001
+def measure_step(method, x: torch.Tensor, y: torch.Tensor,  # noqa: ANN001
+                 step: Callable[[torch.Tensor, torch.Tensor], float] | None = None) -> tuple[float, MemoryReport]:
     """Run one real training step of ``method`` and measure its activation memory.
 
     Counts, each storage once: the tensors autograd saved during the step, plus the buffers the
@@ -158,6 +159,8 @@ def measure_step(method, x: torch.Tensor, y: torch.Tensor) -> tuple[float, Memor
     Args:
         method: a :class:`gradkit.methods.Method`.
         x, y: one mini-batch.
+        step: what runs the step (default ``method.step``), e.g. the step wrapped by an
+            :meth:`gradkit.compress.Activations.wrap`: its storage is what gets measured.
 
     Returns:
         The step's loss and a :class:`MemoryReport`.
@@ -178,7 +181,7 @@ def measure_step(method, x: torch.Tensor, y: torch.Tensor) -> tuple[float, Memor
     ]
     try:
         with SavedTensorsMeter(exclude=exclude, tag=lambda: current[0]) as meter:
-            loss = method.step(x, y)
+            loss = (step or method.step)(x, y)
             after = method.stage_buffers()
             saved = meter.storages()
             tags = dict(meter.tags)

@@ -15,12 +15,13 @@ import torch
 
 from gradkit.errors import ConfigError
 
-__all__ = ["OptimizerFactory", "OptimizerConfig", "LRSchedule", "OPTIMIZERS", "SCHEDULES"]
+__all__ = ["OptimizerFactory", "OptimizerConfig", "LRSchedule", "OPTIMIZERS", "LR_SCHEDULES"]
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 
 OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("constant", "multistep", "cosine")
+LR_SCHEDULES = ("constant", "multistep", "cosine")
+"""Learning-rate schedules (pipeline schedules are the methods', in :mod:`gradkit.pipeline`)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,8 +90,8 @@ class LRSchedule:
     """Decay factor of ``multistep``."""
 
     def __post_init__(self) -> None:
-        if self.kind not in SCHEDULES:
-            raise ConfigError(f"unknown schedule {self.kind!r}; choose one of: {', '.join(SCHEDULES)}")
+        if self.kind not in LR_SCHEDULES:
+            raise ConfigError(f"unknown lr schedule {self.kind!r}; choose one of: {', '.join(LR_SCHEDULES)}")
         if any(m <= 0 for m in self.milestones):
             raise ConfigError(f"milestones must be positive epochs, got {list(self.milestones)}")
 

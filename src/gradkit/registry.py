@@ -24,6 +24,8 @@ class Entry(Generic[T]):
     name: str
     obj: T
     help: str
+    module: str = ""
+    """The module that registered it: a worker process imports it to know the name too."""
 
 
 class Registry(Generic[T]):
@@ -49,7 +51,8 @@ class Registry(Generic[T]):
                 raise ValueError(f"{self.kind} {name!r} is already registered")
             # Without help=, the first line of the docstring describes the entry.
             doc_lines = (getattr(obj, "__doc__", None) or "").strip().splitlines()
-            self._entries[name] = Entry(name, obj, help or (doc_lines[0] if doc_lines else ""))
+            module = str(getattr(obj, "__module__", "") or "")
+            self._entries[name] = Entry(name, obj, help or (doc_lines[0] if doc_lines else ""), module)
             return obj
 
         return decorator
@@ -66,6 +69,11 @@ class Registry(Generic[T]):
             raise ConfigError(
                 f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}"
             ) from None
+
+    def module(self, name: str) -> str:
+        """The module that registered ``name`` (``gradkit....`` for built-in entries)."""
+        self.get(name)
+        return self._entries[name].module
 
     def help(self, name: str) -> str:
         """The one-line description of ``name``."""

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gradkit.errors import DataError
+from gradkit.run_folder import RunFolder
 
 __all__ = ["RunRecord", "read_run", "format_bytes", "format_table"]
 
@@ -36,21 +35,9 @@ def read_run(path: str | os.PathLike[str]) -> RunRecord:
     Raises:
         DataError: the folder is not a run folder or its metrics are unreadable.
     """
-    path = Path(path)
-    metrics = path / "metrics.jsonl"
-    if not metrics.is_file():
-        raise DataError(f"{path} is not a gradkit run folder (no metrics.jsonl); pass a folder given to --out")
-    history = []
-    for n, line in enumerate(metrics.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            history.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{metrics} line {n} is not valid JSON ({exc.msg})") from None
-    config_path = path / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    return RunRecord(path, config, history)
+    folder = RunFolder(path)
+    history = folder.read_metrics()
+    return RunRecord(folder.path, folder.read_config() or {}, history)
 
 
 def format_bytes(n: int | None) -> str:

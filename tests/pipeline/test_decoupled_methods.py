@@ -104,7 +104,7 @@ def test_dni_synthesizer_learns_the_true_gradient() -> None:
     for _ in range(300):
         method.step(x, y)
     method.flush()
-    synthesizer = method.workers[0].synthesizer  # type: ignore[attr-defined]
+    synthesizer = method.pipeline_stages[0].synthesizer  # type: ignore[attr-defined]
     out = method.stages[0](x)
     (true_delta,) = torch.autograd.grad(nn.functional.cross_entropy(method.stages[1](out), y), out)
     with torch.no_grad():
@@ -200,13 +200,13 @@ def test_epoch_boundary_keeps_batches_in_flight_and_flush_drains() -> None:
     method = build("fr", gradkit.split(small_model(), 4, balance="count"))
     for x, y in batches(5):
         method.step(x, y)
-    fifo_lengths = [len(w.fifo) for w in method.workers[:-1]]  # type: ignore[attr-defined]
+    fifo_lengths = [len(w.fifo) for w in method.pipeline_stages[:-1]]  # type: ignore[attr-defined]
     assert fifo_lengths == [3, 2, 1]  # stage k holds its last K-1-k inputs between steps
     method.flush()
     assert method.buffer_bytes() == 0 and method.executor.empty()
     # Training goes on after a flush: the pipeline warms up again.
     method.step(*batches(1)[0])
-    assert [len(w.fifo) for w in method.workers[:-1]] == [1, 1, 1]  # type: ignore[attr-defined]
+    assert [len(w.fifo) for w in method.pipeline_stages[:-1]] == [1, 1, 1]  # type: ignore[attr-defined]
 
 
 def test_predict_uses_current_weights_and_leaves_the_pipeline_alone() -> None:
@@ -214,7 +214,7 @@ def test_predict_uses_current_weights_and_leaves_the_pipeline_alone() -> None:
     method = build("ddg", gradkit.split(model, 3, balance="count"))
     for x, y in batches(4):
         method.step(x, y)
-    stashed = [[e.batch for e in w.stash] for w in method.workers[:-1]]  # type: ignore[attr-defined]
+    stashed = [[e.batch for e in w.stash] for w in method.pipeline_stages[:-1]]  # type: ignore[attr-defined]
     messages = {k: [m.batch for m in q] for k, q in method.executor.channels.items()}
     state = copy.deepcopy(method.state_dict())
     x = batches(1)[0][0]
@@ -222,14 +222,14 @@ def test_predict_uses_current_weights_and_leaves_the_pipeline_alone() -> None:
     method.eval()
     torch.testing.assert_close(method.predict(x), reference(x), rtol=0, atol=0)
     method.train()
-    assert [[e.batch for e in w.stash] for w in method.workers[:-1]] == stashed  # type: ignore[attr-defined]
+    assert [[e.batch for e in w.stash] for w in method.pipeline_stages[:-1]] == stashed  # type: ignore[attr-defined]
     assert {k: [m.batch for m in q] for k, q in method.executor.channels.items()} == messages
     for name, value in method.state_dict()["stages"][1].items():  # BatchNorm statistics included
         assert torch.equal(value, state["stages"][1][name]), name
     assert stashed == [[2, 3], [3]]  # stage k holds its last K-1-k graphs between steps
     # ...and the pipeline carries on where it was: the next step trains the oldest stashed batches.
     method.step(*batches(1)[0])
-    assert [[e.batch for e in w.stash] for w in method.workers[:-1]] == [[3, 4], [4]]  # type: ignore[attr-defined]
+    assert [[e.batch for e in w.stash] for w in method.pipeline_stages[:-1]] == [[3, 4], [4]]  # type: ignore[attr-defined]
 
 
 def test_synchronous_pipeline_equals_backprop() -> None:

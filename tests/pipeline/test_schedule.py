@@ -8,7 +8,9 @@ from torch import nn
 
 import gradkit
 from gradkit.methods import build
-from gradkit.pipeline import Action, PipelineError, ReplaySchedule, SyntheticGradientSchedule
+from gradkit.methods.features_replay import ReplaySchedule
+from gradkit.methods.synthetic_gradients import SyntheticGradientSchedule
+from gradkit.pipeline import DELTA, Action, Op, PipelineError
 from gradkit.pipeline.local import LocalExecutor
 
 
@@ -109,7 +111,7 @@ def test_a_schedule_that_cannot_progress_is_an_error_not_a_hang() -> None:
     class Stuck(ReplaySchedule):
         def actions(self, step, stage, last_batch=None):  # type: ignore[no-untyped-def]
             if stage == 0:  # waits for a δ that nobody sends, so stage 1 never gets its input either
-                return [Action("replay", 0, (("delta", 1),))]
+                return [Action(Op.REPLAY, 0, ((DELTA, 1),))]
             return super().actions(step, stage, last_batch)
 
     with pytest.raises(PipelineError, match="no stage can proceed"):

@@ -61,7 +61,7 @@ def test_crash_resumes_from_the_epoch_checkpoint_that_holds_in_flight_buffers(tm
 
     with pytest.raises(RuntimeError):
         train(config(tmp_path / "cut", method="ddg"), dataset=blobs, on_step=crash)
-    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["method_state"]["pipeline"]["workers"][0]["stash"]
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["method_state"]["pipeline"]["buffers"][0]["stash"]
     train(config(tmp_path / "cut", method="ddg", resume=True), dataset=blobs)
     assert [r["train_loss"] for r in records(tmp_path / "full")] == [r["train_loss"] for r in records(tmp_path / "cut")]
 

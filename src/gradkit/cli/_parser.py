@@ -11,7 +11,7 @@ from gradkit.data import DATASETS
 from gradkit.errors import ConfigError
 from gradkit.methods import METHODS
 from gradkit.models import MODELS
-from gradkit.optim import OPTIMIZERS, SCHEDULES
+from gradkit.optim import LR_SCHEDULES, OPTIMIZERS
 
 __all__ = ["Parser", "add_training_args", "config_from_args"]
 
@@ -115,8 +115,9 @@ def add_training_args(parser: argparse.ArgumentParser, *, single_method: bool = 
     how.add_argument("--momentum", type=float, default=_DEFAULTS.momentum, help="SGD momentum (default: %(default)s)")
     how.add_argument("--no-nesterov", action="store_true", help="plain instead of Nesterov momentum")
     how.add_argument("--weight-decay", type=float, default=_DEFAULTS.weight_decay, help="default: %(default)s")
-    how.add_argument("--schedule", default=_DEFAULTS.schedule, choices=SCHEDULES,
-                     help="learning-rate schedule (default: %(default)s)")
+    how.add_argument("--lr-schedule", "--schedule", dest="lr_schedule", default=_DEFAULTS.lr_schedule,
+                     choices=LR_SCHEDULES, help="learning-rate schedule (default: %(default)s; "
+                                                "--schedule is its old name)")
     how.add_argument("--milestones", type=_milestones, default=(), metavar="E1,E2",
                      help="epochs where multistep divides the rate by 10 (default: 50%%,75%% of --epochs)")
     how.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="default: %(default)s")
@@ -164,7 +165,7 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> TrainConf
         momentum=args.momentum,
         nesterov=not args.no_nesterov,
         weight_decay=args.weight_decay,
-        schedule=args.schedule,
+        lr_schedule=args.lr_schedule,
         milestones=args.milestones,
         seed=args.seed,
         threads=args.threads,

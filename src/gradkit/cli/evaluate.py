@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
 
@@ -14,6 +13,7 @@ from gradkit.data import BatchLoader, load_dataset
 from gradkit.errors import ConfigError
 from gradkit.models import build_model
 from gradkit.robustness import ATTACKS, attacked_accuracy
+from gradkit.run_folder import CONFIG, RunFolder
 
 HELP = "test accuracy of a trained run under FGSM, PGD or Gaussian input perturbations"
 DESCRIPTION = """\
@@ -41,11 +41,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise ConfigError(f"{run_dir} has no config.json; give the folder of a `gradkit train` run")
-    config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
-    weights = run_dir / "model.pt"
+    folder = RunFolder(args.run_dir)
+    run_dir = folder.path
+    saved = folder.read_config()
+    if saved is None:
+        raise ConfigError(f"{run_dir} has no {CONFIG}; give the folder of a `gradkit train` run")
+    config = TrainConfig.from_dict(saved)
+    weights = folder.model_path
     if not weights.is_file():
         raise ConfigError(f"{run_dir} has no model.pt (the run did not finish); finish it with --resume")
     if args.steps < 1:

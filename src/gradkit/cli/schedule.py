@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from gradkit.cli._parser import _positive_int
-from gradkit.pipeline.schedule import SCHEDULES, SyntheticGradientSchedule
+from gradkit.methods import method_options, stage_parallel_class, stage_parallel_names
 
 HELP = "print which stage does what at each step (fr, ddg, dni, or the synchronous bp pipeline)"
 DESCRIPTION = """\
@@ -23,7 +23,8 @@ example:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("schedule", help=HELP, description=DESCRIPTION,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", choices=sorted(SCHEDULES), default="fr", help="default: %(default)s")
+    p.add_argument("--method", choices=stage_parallel_names(), default="fr",
+                   help="a pipelined method; bp shows its synchronous pipeline (default: %(default)s)")
     p.add_argument("--stages", type=_positive_int, default=3, metavar="K", help="default: %(default)s")
     p.add_argument("--steps", type=_positive_int, default=6, help="rows to print (default: %(default)s)")
     p.add_argument("--last-batch", type=int, metavar="B", help="show the pipeline draining after batch B")
@@ -33,8 +34,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cls = SCHEDULES[args.method]
-    schedule = (SyntheticGradientSchedule(args.stages, locked_steps=args.warmup_steps)
-                if cls is SyntheticGradientSchedule else cls(args.stages))
+    cls = stage_parallel_class(args.method)
+    assert cls is not None  # argparse allowed only the pipelined methods
+    options = {"warmup_steps": args.warmup_steps} if "warmup_steps" in method_options(args.method) else {}
+    schedule = cls.schedule_for(args.stages, **options)
     print(schedule.grid(args.steps, last_batch=args.last_batch))
     return 0

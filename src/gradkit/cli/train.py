@@ -6,13 +6,15 @@ import argparse
 import os
 
 from gradkit.cli._parser import add_training_args, config_from_args
-from gradkit.loop import train
+from gradkit.run_folder import RunFolder
 from gradkit.runs import format_bytes
+from gradkit.training import train
 
 HELP = "train a model with one method"
 DESCRIPTION = """\
 Train a model with one method and write the run folder --out: config.json, metrics.jsonl (one JSON
-object per epoch), checkpoint.pt (replaced atomically every epoch and on Ctrl-C) and model.pt.
+object per epoch), checkpoint.pt (replaced atomically every epoch and on Ctrl-C or SIGTERM; with
+--workers, checkpoint.json and one shard per worker under checkpoint/) and model.pt.
 
 example:
   gradkit train --method bp --model cnn --data fashion-mnist --epochs 3 --out runs/cnn
@@ -46,9 +48,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.stages == "auto":
-        from gradkit.distributed.auto import resolve_auto_stages
+        from gradkit.stages.auto import resolve_auto_stages
 
-        config = resolve_auto_stages(config_from_args(args, stages=1), args.workers)
+        saved = RunFolder(args.out).read_config() if args.resume else None
+        config = resolve_auto_stages(config_from_args(args, stages=1), args.workers, saved)
     else:
         config = config_from_args(args)
     result = train(config)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 from torch import nn
@@ -17,6 +18,9 @@ from gradkit.compress._hooks import ActivationCompressor, SavedRecord
 from gradkit.errors import ConfigError
 
 __all__ = ["MODES", "ModeSpec", "Activations", "parse_mode"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,8 @@ _NAIVE_TYPES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Lea
 
 
 class Activations:
-    """One ``--activations`` mode applied to ``model``: ``with act: loss = method.step(x, y)``.
+    """One ``--activations`` mode applied to ``model``: ``with act: loss = method.step(x, y)``, or
+    ``step = act.wrap(method.step)``.
 
     Building it prepares the model once (the blpa modes route residual blocks through the fused
     BatchNorm->ReLU->Conv function, naive8 adds forward hooks that quantise activations); entering it
@@ -151,22 +156,23 @@ class Activations:
         if self.compressor is not None:
             self.compressor.__exit__(exc_type, exc, tb)
 
-    def attach(self, method: Any) -> None:
-        """Run every ``method.step`` inside this context (no-op for ``exact``).
+    def wrap(self, fn: Callable[P, R]) -> Callable[P, R]:
+        """``fn`` run inside this context: the training loop's one way of applying the mode.
 
-        The step itself is wrapped, rather than the loop's call, so that whatever else wraps a step
-        (``gradkit.memory.measure_step``'s meter, direction diagnostics) sees compressed storage: the
-        compressor's hooks are innermost and report what they store to an enclosing meter.
+        Every backend wraps the method's step (and ``flush``, whose drain steps train too) this way.
+        The wrapped function is what ``gradkit.memory.measure_step`` and the direction diagnostics
+        call, so the compressor's hooks are innermost and report what they store to an enclosing
+        meter. ``exact`` returns ``fn`` itself.
         """
         if self.compressor is None:
-            return
-        step = method.step
+            return fn
 
-        def step_with_activations(x: torch.Tensor, y: torch.Tensor) -> float:
+        @functools.wraps(fn)
+        def within(*args: P.args, **kwargs: P.kwargs) -> R:
             with self:
-                return step(x, y)
+                return fn(*args, **kwargs)
 
-        method.step = step_with_activations
+        return within
 
     @contextlib.contextmanager
     def recording(self, exclude: list[torch.Tensor] | None = None) -> Any:

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from gradkit.distributed.shm import SharedMemoryLinks
 from gradkit.pipeline.local import Message, execute_action
 from gradkit.pipeline.schedule import ACTIVATION, DATA, LABEL, Action, Schedule
-from gradkit.pipeline.worker import PipelineError, StageWorker
+from gradkit.pipeline.stage import PipelineError, PipelineStage
 
 __all__ = ["DistributedExecutor", "MESSAGE_KINDS"]
 
@@ -57,25 +57,25 @@ def _header(batch: int, tensor: torch.Tensor, shared: tuple[int, int, int] | Non
 
 
 class DistributedExecutor:
-    """Runs stage ``rank``'s column of ``schedule`` with ``worker``; peers run theirs elsewhere.
+    """Runs stage ``rank``'s column of ``schedule`` with ``stage``; peers run theirs elsewhere.
 
     Args:
         schedule: the same schedule object every rank uses.
-        worker: this rank's stage worker.
+        stage: this rank's pipeline stage.
         groups: one process group per message kind (:data:`MESSAGE_KINDS`), all ranks in each.
         device: where received tensors are placed (the stage's device).
         shared_memory: mailboxes for peers on this machine (:mod:`gradkit.distributed.shm`), and
             the ranks they reach; payloads to other ranks go through the process group.
     """
 
-    def __init__(self, schedule: Schedule, worker: StageWorker, groups: dict[str, Any],
+    def __init__(self, schedule: Schedule, stage: PipelineStage, groups: dict[str, Any],
                  device: torch.device, *, shared_memory: SharedMemoryLinks | None = None,
                  local_peers: frozenset[int] = frozenset()) -> None:
         self.shared_memory = shared_memory if device.type == "cpu" else None
         self.local_peers = local_peers
         self.schedule = schedule
-        self.worker = worker
-        self.rank = worker.index
+        self.stage = stage
+        self.rank = stage.index
         self.groups = groups
         self.device = device
         # Headers travel on the CPU with gloo and on the device with NCCL.
@@ -128,7 +128,7 @@ class DistributedExecutor:
 
     def _execute(self, action: Action) -> None:
         received = {kind: self._take(kind, source) for kind, source in action.recv}
-        for kind, destination, tensor in execute_action(self.worker, action, received):
+        for kind, destination, tensor in execute_action(self.stage, action, received):
             self._send(kind, destination, action.batch, tensor)
 
     # -- messages -------------------------------------------------------------------------------------

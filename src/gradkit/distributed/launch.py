@@ -19,16 +19,21 @@ import sys
 import time
 import uuid
 from datetime import timedelta
+from typing import Any
 
 import torch.distributed as dist
 
 from gradkit.config import TrainConfig
-from gradkit.distributed import shards, shm
+from gradkit.data import DATASETS
+from gradkit.distributed import shm
+from gradkit.distributed.backend import check_stage_parallel_config
 from gradkit.distributed.context import AGENT_STORE_ENV, RUN_ID_ENV
-from gradkit.distributed.run import check_config, default_threads
-from gradkit.errors import ConfigError
+from gradkit.methods import METHODS
+from gradkit.models import MODELS
+from gradkit.run_folder import RunFolder
+from gradkit.stages import default_threads
 
-__all__ = ["GRACE_S", "launch"]
+__all__ = ["GRACE_S", "launch", "launch_spec"]
 
 GRACE_S = 10.0
 """Seconds the surviving workers get to stop by themselves after one failed, before they are killed."""
@@ -50,22 +55,35 @@ def _describe(code: int) -> str:
     return f"exited with code {code}"
 
 
+def launch_spec(config: TrainConfig) -> dict[str, Any]:
+    """What a worker process needs besides its environment: the configuration, and the modules that
+    registered a method, model or dataset outside gradkit (imported first, with this process's
+    ``sys.path``, as ``multiprocessing``'s spawn does), so a user's own method runs on workers too."""
+    plugins = {registry.module(name) for registry, name in
+               ((METHODS, config.method), (MODELS, config.model), (DATASETS, config.data))}
+    return {
+        "config": config.to_dict(),
+        "sys_path": [p for p in sys.path if p],
+        "plugins": sorted(m for m in plugins if m and m != "gradkit" and not m.startswith("gradkit.")),
+    }
+
+
 def launch(config: TrainConfig, workers: int) -> int:
     """Train ``config`` with ``workers`` processes, one stage each; returns the exit code.
 
     0 when every worker finished, 130 after Ctrl-C (a checkpoint was saved), otherwise the code of
     the first worker that failed (its one-line message is on stderr).
     """
-    check_config(config, workers)  # one-line errors before any process starts
-    assert config.out_path is not None
-    out = config.out_path
-    if not config.resume and shards.has_checkpoint(out):
-        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    check_stage_parallel_config(config, workers)  # one-line errors before any process starts
+    assert config.out is not None
+    folder = RunFolder(config.out)
+    out = folder.path
     if config.resume:
-        shards.read_manifest(out)  # a missing or unreadable checkpoint is reported before any worker starts
-    out.mkdir(parents=True, exist_ok=True)
-    spec = out / "launch.json"
-    spec.write_text(json.dumps(config.to_dict(), indent=2))
+        folder.read_manifest()  # a missing or unreadable checkpoint is reported before any worker starts
+    else:
+        folder.check_new_run()
+    folder.prepare()
+    spec = folder.write_launch_spec(launch_spec(config))
     port = _free_port()
     store = dist.TCPStore("127.0.0.1", port, None, is_master=True, wait_for_workers=False,
                           timeout=timedelta(seconds=60))
@@ -78,7 +96,7 @@ def launch(config: TrainConfig, workers: int) -> int:
                    OMP_NUM_THREADS=str(threads), **{AGENT_STORE_ENV: "1", RUN_ID_ENV: run_id})
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning threads steal cores from the other stages
         # A session of its own: a terminal's Ctrl-C reaches the launcher only, which forwards it once.
-        procs.append(subprocess.Popen([sys.executable, "-m", "gradkit.distributed.worker", str(spec)],
+        procs.append(subprocess.Popen([sys.executable, "-m", "gradkit.distributed.rank", str(spec)],
                                       env=env, start_new_session=True))
     interrupts = 0
 
@@ -114,7 +132,7 @@ def launch(config: TrainConfig, workers: int) -> int:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-        spec.unlink(missing_ok=True)
+        folder.remove_launch_spec()
         shm.cleanup(run_id)
     if first_failure is not None:
         rank, code = first_failure

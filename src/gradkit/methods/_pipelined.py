@@ -1,4 +1,4 @@
-"""The common base of decoupled methods (FR, DDG, DNI): workers driven by a schedule."""
+"""The common base of pipelined methods (FR, DDG, DNI, bp's synchronous form): stages driven by a schedule."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from gradkit.methods._base import LossFn, Method
 from gradkit.optim import OptimizerFactory
 from gradkit.pipeline.local import Executor, LocalExecutor
 from gradkit.pipeline.schedule import Schedule
-from gradkit.pipeline.worker import PipelineError, StageWorker
+from gradkit.pipeline.stage import PipelineError, PipelineStage
 
 __all__ = ["PipelineMethod"]
 
@@ -22,9 +22,11 @@ __all__ = ["PipelineMethod"]
 class PipelineMethod(Method):
     """A method whose stages update independently, in the order a :class:`Schedule` gives.
 
-    Each stage gets its own optimizer and a :class:`StageWorker`; a :class:`LocalExecutor` runs the
-    schedule in this process. The epoch boundary does not drain the pipeline (batches in flight carry
-    over, as in the reference code); :meth:`flush` does.
+    Each stage gets its own optimizer and a :class:`PipelineStage`; a :class:`LocalExecutor` runs the
+    schedule in this process. A subclass is one file holding its schedule, its stage and its cost
+    for the balancer (:meth:`block_seconds`); registering it makes it available everywhere, with one
+    process per stage too (``--workers``). The epoch boundary does not drain the pipeline (batches
+    in flight carry over, as in the reference code); :meth:`flush` does.
 
     Args:
         stages, loss_fn, optimizer: see :class:`Method`.
@@ -55,31 +57,37 @@ class PipelineMethod(Method):
         record_timeline: bool = False,
     ) -> None:
         super().__init__(stages, loss_fn=loss_fn, optimizer=optimizer)
-        self.schedule = self.make_schedule(len(self.stages))
-        self.workers: list[StageWorker] = []
+        self.schedule = self.schedule_for(len(self.stages), **self.schedule_options())
+        self.pipeline_stages: list[PipelineStage] = []
         for k, stage in enumerate(self.stages):
             params = [p for p in stage.parameters() if p.requires_grad]
-            worker = self.make_worker(k, stage, self.optimizer_factory(params))
-            worker.observers = self.update_observers
-            self.workers.append(worker)
-        self.executor: Executor = LocalExecutor(self.schedule, self.workers, record_timeline=record_timeline)
+            pipeline_stage = self.make_stage(k, stage, self.optimizer_factory(params))
+            pipeline_stage.observers = self.update_observers
+            self.pipeline_stages.append(pipeline_stage)
+        self.executor: Executor = LocalExecutor(self.schedule, self.pipeline_stages,
+                                                record_timeline=record_timeline)
         self._step = 0
         """Steps since the pipeline was last empty; batch ids count from there."""
 
+    @classmethod
     @abstractmethod
-    def make_schedule(self, num_stages: int) -> Schedule:
-        """The schedule this method runs."""
+    def schedule_for(cls, num_stages: int, **options: Any) -> Schedule:
+        """The schedule this method runs on ``num_stages`` stages (``options``: :meth:`schedule_options`)."""
+
+    def schedule_options(self) -> dict[str, Any]:
+        """The method options its schedule depends on (passed to :meth:`schedule_for`)."""
+        return {}
 
     @abstractmethod
-    def make_worker(self, index: int, module: nn.Module, optimizer: torch.optim.Optimizer) -> StageWorker:
-        """The worker of stage ``index``."""
+    def make_stage(self, index: int, module: nn.Module, optimizer: torch.optim.Optimizer) -> PipelineStage:
+        """The pipeline stage ``index``, running ``module`` with ``optimizer``."""
 
     # -- training ---------------------------------------------------------------------------------------
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:
-        opts = [w.optimizer for w in self.workers]
-        for w in self.workers:
-            opts.extend(w.extra_optimizers())
+        opts = [s.optimizer for s in self.pipeline_stages]
+        for s in self.pipeline_stages:
+            opts.extend(s.extra_optimizers())
         return opts
 
     @property
@@ -99,10 +107,10 @@ class PipelineMethod(Method):
         With a :class:`~gradkit.distributed.DistributedExecutor` only rank 0 passes data (the others
         pass None) and only the last rank gets a loss back.
         """
-        self.workers[-1].last_loss = None
+        self.pipeline_stages[-1].last_loss = None
         self.executor.run_step(self._step, x, y)
         self._step += 1
-        return self.workers[-1].last_loss
+        return self.pipeline_stages[-1].last_loss
 
     def prepare(self, sample: torch.Tensor) -> None:
         """Build whatever depends on the input's shape (DNI's synthesizers) from a sample batch.
@@ -125,13 +133,13 @@ class PipelineMethod(Method):
             self.executor.run_step(self._step + i, last_batch=last_batch)
         if not self.executor.empty():
             raise PipelineError(f"{self.name}: messages left after draining the pipeline")
-        for w in self.workers:
-            w.reset()
+        for s in self.pipeline_stages:
+            s.reset()
         self._step = 0
 
     # -- memory -----------------------------------------------------------------------------------------
     def stage_buffers(self) -> list[dict[str, list[torch.Tensor]]]:
-        per_stage = [dict(w.buffers()) for w in self.workers]
+        per_stage = [dict(s.buffers()) for s in self.pipeline_stages]
         for k, tensors in self.executor.in_flight().items():
             if 0 <= k < len(per_stage):
                 per_stage[k]["messages"] = tensors
@@ -146,7 +154,7 @@ class PipelineMethod(Method):
         state["pipeline"] = {
             "step": self._step,
             "channels": self.executor.state(),
-            "workers": [w.buffer_state() for w in self.workers],
+            "buffers": [s.buffer_state() for s in self.pipeline_stages],
         }
         return state
 
@@ -154,12 +162,13 @@ class PipelineMethod(Method):
         pipeline = state.get("pipeline")
         if pipeline is None:
             raise ValueError(f"state for {self.name!r} has no pipeline buffers")
-        if len(pipeline["workers"]) != len(self.workers):
-            raise ValueError(f"state has {len(pipeline['workers'])} stages but this method has {len(self.workers)}")
+        buffers = pipeline["buffers"] if "buffers" in pipeline else pipeline["workers"]  # older checkpoints
+        if len(buffers) != len(self.pipeline_stages):
+            raise ValueError(f"state has {len(buffers)} stages but this method has {len(self.pipeline_stages)}")
         # Buffers first: DNI's synthesizers (and so their optimizers) must exist before the
         # optimizer states are loaded. DDG rebuilds its graphs from the stashed weights, not the stage's.
-        for worker, ws in zip(self.workers, pipeline["workers"], strict=True):
-            worker.load_buffer_state(ws)
+        for pipeline_stage, state_of_stage in zip(self.pipeline_stages, buffers, strict=True):
+            pipeline_stage.load_buffer_state(state_of_stage)
         super().load_state_dict(state)
         self.executor.load_state(pipeline["channels"])
         self._step = pipeline["step"]
@@ -169,14 +178,14 @@ class PipelineMethod(Method):
 
         The multi-process executor must have been drained (no message on the wire).
         """
-        worker = self.workers[rank]
+        pipeline_stage = self.pipeline_stages[rank]
         return {
             "method": self.name,
             "stage": rank,
             "num_stages": len(self.stages),
             "weights": self.stages[rank].state_dict(),
-            "optimizers": [opt.state_dict() for opt in [worker.optimizer, *worker.extra_optimizers()]],
-            "buffers": worker.buffer_state(),
+            "optimizers": [opt.state_dict() for opt in [pipeline_stage.optimizer, *pipeline_stage.extra_optimizers()]],
+            "buffers": pipeline_stage.buffer_state(),
             "channels": self.executor.state(),
             "step": self._step,
         }
@@ -188,10 +197,11 @@ class PipelineMethod(Method):
                 f"shard is for {state.get('method')!r} stage {state.get('stage')} of {state.get('num_stages')}, "
                 f"not {self.name!r} stage {rank} of {len(self.stages)}"
             )
-        worker = self.workers[rank]
-        worker.load_buffer_state(state["buffers"])  # first: DNI's synthesizer optimizer must exist
+        pipeline_stage = self.pipeline_stages[rank]
+        pipeline_stage.load_buffer_state(state["buffers"])  # first: DNI's synthesizer optimizer must exist
         self.stages[rank].load_state_dict(state["weights"])
-        for opt, sd in zip([worker.optimizer, *worker.extra_optimizers()], state["optimizers"], strict=True):
+        optimizers = [pipeline_stage.optimizer, *pipeline_stage.extra_optimizers()]
+        for opt, sd in zip(optimizers, state["optimizers"], strict=True):
             opt.load_state_dict(sd)
         self.executor.load_state(state["channels"])
         self._step = state["step"]

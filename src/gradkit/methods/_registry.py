@@ -21,9 +21,10 @@ __all__ = ["METHODS", "build", "method_options", "stage_parallel_class", "stage_
 METHODS: Registry[type[Method]] = Registry("method")
 
 
-def method_options(name: str) -> set[str]:
-    """The method-specific options (keyword-only constructor arguments) method ``name`` takes."""
-    cls = METHODS.get(name)
+def method_options(name: str, *, stage_parallel: bool = False) -> set[str]:
+    """The method-specific options (keyword-only constructor arguments) method ``name`` takes
+    (in its stage-parallel form with ``stage_parallel=True``)."""
+    cls = _method_class(name, stage_parallel)
     return {
         p.name
         for p in inspect.signature(cls.__init__).parameters.values()
@@ -47,12 +48,23 @@ def stage_parallel_names() -> list[str]:
     return [name for name in METHODS.names() if stage_parallel_class(name) is not None]
 
 
+def _method_class(name: str, stage_parallel: bool) -> type[Method]:
+    if not stage_parallel:
+        return METHODS.get(name)
+    cls = stage_parallel_class(name)
+    if cls is None:
+        raise ConfigError(f"method {name!r} needs the whole model in one process; with one process per "
+                          f"stage use one of: {', '.join(stage_parallel_names())}")
+    return cls
+
+
 def build(
     name: str,
     stages: Sequence[nn.Module],
     *,
     loss_fn: LossFn | None = None,
     optimizer: OptimizerFactory | None = None,
+    stage_parallel: bool = False,
     **options: Any,
 ) -> Method:
     """Build the registered method ``name`` on ``stages``.
@@ -67,13 +79,15 @@ def build(
         stages: consecutive partitions of a model (``gradkit.split``).
         loss_fn: loss on (output, target); cross-entropy by default.
         optimizer: factory ``params -> Optimizer``; SGD with Nesterov momentum by default.
+        stage_parallel: build the form that runs one process per stage (``bp``: its synchronous
+            pipeline; see :func:`stage_parallel_class`).
         **options: method-specific options.
 
     Raises:
         ConfigError: the name is unknown, or an option is not one the method takes.
     """
-    cls = METHODS.get(name)
-    accepted = method_options(name)
+    cls = _method_class(name, stage_parallel)
+    accepted = method_options(name, stage_parallel=stage_parallel)
     for option in options:
         if option not in accepted:
             takes = ", ".join(sorted(accepted)) or "no options"

@@ -21,11 +21,12 @@ from torch.func import functional_call
 from gradkit.methods._base import LossFn
 from gradkit.methods._pipelined import PipelineMethod
 from gradkit.methods._registry import METHODS
+from gradkit.methods.features_replay import ReplaySchedule
 from gradkit.pipeline.batchnorm import frozen_running_stats
-from gradkit.pipeline.schedule import Action, DelayedGradientSchedule, Schedule
-from gradkit.pipeline.worker import PipelineError, StageWorker
+from gradkit.pipeline.schedule import DELTA, Action, Op, Schedule
+from gradkit.pipeline.stage import PipelineError, PipelineStage
 
-__all__ = ["DelayedGradients", "DelayedGradientWorker"]
+__all__ = ["DelayedGradients", "DelayedGradientSchedule", "DelayedGradientStage"]
 
 
 @dataclass
@@ -61,32 +62,34 @@ def graph_saved_tensors(output: torch.Tensor) -> list[torch.Tensor]:
     return found
 
 
-class DelayedGradientWorker(StageWorker):
+class DelayedGradientSchedule(ReplaySchedule):
+    """DDG: Features Replay's timing, but the forward keeps its graph and the backward runs K-1-k
+    steps later, with no recomputation."""
+
+    name = "ddg"
+    forward_op, backward_op = Op.FORWARD, Op.BACKWARD
+
+
+class DelayedGradientStage(PipelineStage):
     """One DDG stage: forward on stashed weights now, backward K-1-k steps later."""
 
     def __init__(self, index: int, num_stages: int, module: nn.Module, optimizer: torch.optim.Optimizer,
                  *, loss_fn: LossFn) -> None:
-        super().__init__(index, num_stages, module, optimizer)
-        self.loss_fn = loss_fn
+        super().__init__(index, num_stages, module, optimizer, loss_fn=loss_fn)
         self.names = [name for name, p in module.named_parameters() if p.requires_grad]
         self.stash: deque[_Stash] = deque()
 
-    def execute(self, action: Action, received: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if action.op == "forward":
+    def run(self, action: Action, received: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if action.op is Op.FORWARD:
             weights = {n: p.detach().clone() for n, p in self.module.named_parameters() if p.requires_grad}
             entry = _Stash(action.batch, received["activation"].detach(), weights)
             self._build_graph(entry)
             self.stash.append(entry)
             assert entry.output is not None
             return {"activation": entry.output.detach()}
-        if action.op == "backward":
-            return self._backward(action.batch, received["delta"])
-        if action.op == "update":
-            self.update(action.batch)
-            return {}
-        if action.op == "loss":
-            return self.loss_step(action.batch, received, self.loss_fn)
-        raise PipelineError(f"DDG has no action {action.op!r}")
+        if action.op is Op.BACKWARD:
+            return self._backward(action.batch, received[DELTA])
+        raise self.unknown(action)
 
     def _build_graph(self, entry: _Stash) -> None:
         """Forward ``entry.x`` with autograd on the stashed weights."""
@@ -108,7 +111,7 @@ class DelayedGradientWorker(StageWorker):
             params[name].grad = g
         if entry.x.requires_grad:
             x_grad = grads[-1]
-            return {"delta": x_grad if x_grad is not None else torch.zeros_like(entry.x)}
+            return {DELTA: x_grad if x_grad is not None else torch.zeros_like(entry.x)}
         return {}
 
     def buffers(self) -> dict[str, list[torch.Tensor]]:
@@ -150,8 +153,9 @@ class DelayedGradients(PipelineMethod):
 
     name = "ddg"
 
-    def make_schedule(self, num_stages: int) -> Schedule:
+    @classmethod
+    def schedule_for(cls, num_stages: int, **options: Any) -> Schedule:
         return DelayedGradientSchedule(num_stages)
 
-    def make_worker(self, index: int, module: nn.Module, optimizer: torch.optim.Optimizer) -> StageWorker:
-        return DelayedGradientWorker(index, len(self.stages), module, optimizer, loss_fn=self.loss_fn)
+    def make_stage(self, index: int, module: nn.Module, optimizer: torch.optim.Optimizer) -> PipelineStage:
+        return DelayedGradientStage(index, len(self.stages), module, optimizer, loss_fn=self.loss_fn)

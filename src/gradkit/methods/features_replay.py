@@ -22,37 +22,67 @@ from gradkit.methods._pipelined import PipelineMethod
 from gradkit.methods._registry import METHODS
 from gradkit.optim import OptimizerFactory
 from gradkit.pipeline.batchnorm import BN_POLICIES, frozen_running_stats
-from gradkit.pipeline.schedule import Action, ReplaySchedule, Schedule
-from gradkit.pipeline.worker import PipelineError, StageWorker
+from gradkit.pipeline.schedule import DELTA, Action, Op, Schedule
+from gradkit.pipeline.stage import PipelineError, PipelineStage
 
-__all__ = ["FeaturesReplay", "ReplayWorker"]
+__all__ = ["FeaturesReplay", "ReplaySchedule", "ReplayStage"]
 
 
-class ReplayWorker(StageWorker):
+class ReplaySchedule(Schedule):
+    """Features Replay: play batch t, replay batch t-(K-1-k) against the stale δ (Algorithm 1).
+
+    Stage k < K-1 *plays* batch t without a graph, then *replays* batch t-(K-1-k) with its current
+    weights and the stale error gradient δ that stage k+1 sent in the previous step, then updates.
+    The last stage runs batch t with autograd. Stage k neither replays nor updates during its first
+    K-1-k steps (the reference's warm-up; the paper's "zero features" would let weight decay and
+    momentum move the weights).
+    """
+
+    name = "fr"
+    forward_op, backward_op = Op.PLAY, Op.REPLAY
+
+    def delay(self, stage: int) -> int:
+        """How many steps old the batch that ``stage`` trains on is: K-1-k."""
+        return self.num_stages - 1 - stage
+
+    def first_update(self, stage: int) -> int:
+        return self.delay(stage)
+
+    def actions(self, step: int, stage: int, last_batch: int | None = None) -> list[Action]:
+        if self._last(stage):
+            return self._loss_actions(step, stage, last_batch)
+        out = []
+        if self._exists(step, last_batch):
+            out.append(Action(self.forward_op, step, (self._from_below(stage),), self._up(stage)))
+        old = step - self.delay(stage)
+        if self._exists(old, last_batch):
+            out.append(Action(self.backward_op, old, ((DELTA, stage + 1),), self._down(stage)))
+            out.append(Action(Op.UPDATE, old))
+        return out
+
+    def drain_steps(self) -> int:
+        return self.num_stages - 1
+
+
+class ReplayStage(PipelineStage):
     """One Features Replay stage: a FIFO of inputs, play, replay, update."""
 
     def __init__(self, index: int, num_stages: int, module: nn.Module, optimizer: torch.optim.Optimizer,
                  *, loss_fn: LossFn, bn_policy: str) -> None:
-        super().__init__(index, num_stages, module, optimizer)
-        self.loss_fn = loss_fn
+        super().__init__(index, num_stages, module, optimizer, loss_fn=loss_fn)
         self.bn_policy = bn_policy
         self.fifo: deque[tuple[int, torch.Tensor]] = deque()
 
-    def execute(self, action: Action, received: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if action.op == "play":
+    def run(self, action: Action, received: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if action.op is Op.PLAY:
             x = received["activation"].detach()
             with torch.no_grad():
                 out = self.module(x)
             self.fifo.append((action.batch, x))
             return {"activation": out}
-        if action.op == "replay":
-            return self._replay(action.batch, received["delta"])
-        if action.op == "update":
-            self.update(action.batch)
-            return {}
-        if action.op == "loss":
-            return self.loss_step(action.batch, received, self.loss_fn)
-        raise PipelineError(f"features replay has no action {action.op!r}")
+        if action.op is Op.REPLAY:
+            return self._replay(action.batch, received[DELTA])
+        raise self.unknown(action)
 
     def _replay(self, batch: int, delta: torch.Tensor) -> dict[str, torch.Tensor]:
         stored, x = self.fifo.popleft()
@@ -114,7 +144,7 @@ class FeaturesReplay(PipelineMethod):
         self.bn_policy = bn_policy
         super().__init__(stages, loss_fn=loss_fn, optimizer=optimizer, record_timeline=record_timeline)
         if double_first_lr and len(self.stages) > 1:
-            for group in self.workers[0].optimizer.param_groups:
+            for group in self.pipeline_stages[0].optimizer.param_groups:
                 group["lr"] *= 2.0
 
     @classmethod
@@ -124,9 +154,10 @@ class FeaturesReplay(PipelineMethod):
         # older one forward and backward: 2F + B (Algorithm 1). The last stage runs F + B once.
         return forward_s + backward_s if last else 2 * forward_s + backward_s
 
-    def make_schedule(self, num_stages: int) -> Schedule:
+    @classmethod
+    def schedule_for(cls, num_stages: int, **options: Any) -> Schedule:
         return ReplaySchedule(num_stages)
 
-    def make_worker(self, index: int, module: nn.Module, optimizer: torch.optim.Optimizer) -> StageWorker:
-        return ReplayWorker(index, len(self.stages), module, optimizer,
-                            loss_fn=self.loss_fn, bn_policy=self.bn_policy)
+    def make_stage(self, index: int, module: nn.Module, optimizer: torch.optim.Optimizer) -> PipelineStage:
+        return ReplayStage(index, len(self.stages), module, optimizer,
+                           loss_fn=self.loss_fn, bn_policy=self.bn_policy)

@@ -8,46 +8,62 @@ is a separate worker that a multi-process executor can place on its own device.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from gradkit.methods._base import LossFn
 from gradkit.methods._pipelined import PipelineMethod
-from gradkit.pipeline.schedule import Action, Schedule, SynchronousSchedule
-from gradkit.pipeline.worker import PipelineError, StageWorker
+from gradkit.pipeline.schedule import DELTA, Action, Op, Schedule
+from gradkit.pipeline.stage import PipelineError, PipelineStage
 
-__all__ = ["SynchronousPipeline", "SynchronousWorker"]
+__all__ = ["SynchronousPipeline", "SynchronousSchedule", "SynchronousStage"]
 
 
-class SynchronousWorker(StageWorker):
+class SynchronousSchedule(Schedule):
+    """Backprop split into stages: forward up, backward down, then every stage updates."""
+
+    name = "bp"
+
+    def actions(self, step: int, stage: int, last_batch: int | None = None) -> list[Action]:
+        if self._last(stage):
+            return self._loss_actions(step, stage, last_batch)
+        if not self._exists(step, last_batch):
+            return []
+        return [
+            Action(Op.FORWARD, step, (self._from_below(stage),), self._up(stage)),
+            Action(Op.BACKWARD, step, ((DELTA, stage + 1),), self._down(stage)),
+            Action(Op.UPDATE, step),
+        ]
+
+    def drain_steps(self) -> int:
+        return 0
+
+
+class SynchronousStage(PipelineStage):
     """One stage of the synchronous pipeline: forward, wait for δ, backward, update."""
 
     def __init__(self, index: int, num_stages: int, module: nn.Module, optimizer: torch.optim.Optimizer,
                  *, loss_fn: LossFn) -> None:
-        super().__init__(index, num_stages, module, optimizer)
-        self.loss_fn = loss_fn
+        super().__init__(index, num_stages, module, optimizer, loss_fn=loss_fn)
         self.current: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
-    def execute(self, action: Action, received: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if action.op == "forward":
+    def run(self, action: Action, received: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if action.op is Op.FORWARD:
             x = self.input_for_grad(received["activation"])
             out = self.module(x)
             self.current = (action.batch, x, out)
             return {"activation": out.detach()}
-        if action.op == "backward":
+        if action.op is Op.BACKWARD:
             if self.current is None or self.current[0] != action.batch:
                 raise PipelineError(f"stage {self.index} has no forward of batch {action.batch}")
             _, x, out = self.current
             self.current = None
             self.optimizer.zero_grad(set_to_none=True)
-            out.backward(received["delta"])
+            out.backward(received[DELTA])
             return self.input_grad(x)
-        if action.op == "update":
-            self.update(action.batch)
-            return {}
-        if action.op == "loss":
-            return self.loss_step(action.batch, received, self.loss_fn)
-        raise PipelineError(f"the synchronous pipeline has no action {action.op!r}")
+        raise self.unknown(action)
 
     def reset(self) -> None:
         self.current = None
@@ -59,8 +75,9 @@ class SynchronousPipeline(PipelineMethod):
     name = "bp-pipeline"
     backward_locked = True
 
-    def make_schedule(self, num_stages: int) -> Schedule:
+    @classmethod
+    def schedule_for(cls, num_stages: int, **options: Any) -> Schedule:
         return SynchronousSchedule(num_stages)
 
-    def make_worker(self, index: int, module: nn.Module, optimizer: torch.optim.Optimizer) -> StageWorker:
-        return SynchronousWorker(index, len(self.stages), module, optimizer, loss_fn=self.loss_fn)
+    def make_stage(self, index: int, module: nn.Module, optimizer: torch.optim.Optimizer) -> PipelineStage:
+        return SynchronousStage(index, len(self.stages), module, optimizer, loss_fn=self.loss_fn)

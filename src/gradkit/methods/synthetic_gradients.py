@@ -24,10 +24,10 @@ from gradkit.methods._pipelined import PipelineMethod
 from gradkit.methods._registry import METHODS
 from gradkit.optim import OptimizerFactory
 from gradkit.pipeline.batchnorm import frozen_running_stats
-from gradkit.pipeline.schedule import Action, Schedule, SyntheticGradientSchedule
-from gradkit.pipeline.worker import PipelineError, StageWorker
+from gradkit.pipeline.schedule import DATA, DELTA, LABEL, Action, Op, Schedule
+from gradkit.pipeline.stage import PipelineError, PipelineStage
 
-__all__ = ["SyntheticGradients", "Synthesizer", "SyntheticGradientWorker"]
+__all__ = ["SyntheticGradients", "Synthesizer", "SyntheticGradientSchedule", "SyntheticGradientStage"]
 
 
 class Synthesizer(nn.Module):
@@ -78,13 +78,61 @@ class Synthesizer(nn.Module):
         return self.net(inputs).reshape(h.shape)
 
 
-class SyntheticGradientWorker(StageWorker):
+class SyntheticGradientSchedule(Schedule):
+    """DNI: update at once with a synthetic δ; fit the synthesizer when the true δ arrives.
+
+    During a warm-up, or when true and synthetic gradients are mixed, a stage waits for the true δ of
+    the same batch (backward locking).
+
+    Args:
+        num_stages: K.
+        locked_steps: steps (from the start) during which every stage waits for the true δ of the
+            same batch (the warm-up that trains synthesizers while using true gradients).
+        always_locked: wait for the true δ at every step (needed to mix true and synthetic δ).
+    """
+
+    name = "dni"
+
+    def __init__(self, num_stages: int, *, locked_steps: int = 0, always_locked: bool = False) -> None:
+        super().__init__(num_stages)
+        if locked_steps < 0:
+            raise ValueError(f"locked_steps must be >= 0, got {locked_steps}")
+        self.locked_steps = locked_steps
+        self.always_locked = always_locked
+
+    def locked(self, step: int) -> bool:
+        """Whether stages wait for the true δ of batch ``step``."""
+        return self.always_locked or step < self.locked_steps
+
+    def actions(self, step: int, stage: int, last_batch: int | None = None) -> list[Action]:
+        if self._last(stage):
+            return self._loss_actions(step, stage, last_batch)
+        out = []
+        if self._exists(step, last_batch):
+            labels = ((LABEL, DATA),)
+            out.append(Action(Op.FORWARD, step, (self._from_below(stage),) + labels, self._up(stage)))
+            if self.locked(step):
+                out.append(Action(Op.BACKWARD, step, ((DELTA, stage + 1),), self._down(stage)))
+                out.append(Action(Op.UPDATE, step))
+                out.append(Action(Op.FIT, step))
+            else:
+                out.append(Action(Op.SYNTHETIC, step, (), self._down(stage)))
+                out.append(Action(Op.UPDATE, step))
+        previous = step - 1
+        if self._exists(previous, last_batch) and not self.locked(previous):
+            out.append(Action(Op.FIT, previous, ((DELTA, stage + 1),)))
+        return out
+
+    def drain_steps(self) -> int:
+        return 1
+
+
+class SyntheticGradientStage(PipelineStage):
     """One DNI stage: forward, update with the synthesizer's δ, fit the synthesizer on the true δ."""
 
     def __init__(self, index: int, num_stages: int, module: nn.Module, optimizer: torch.optim.Optimizer,
                  *, loss_fn: LossFn, method: SyntheticGradients) -> None:
-        super().__init__(index, num_stages, module, optimizer)
-        self.loss_fn = loss_fn
+        super().__init__(index, num_stages, module, optimizer, loss_fn=loss_fn)
         self.method = method
         self.synthesizer: Synthesizer | None = None
         self.synth_optimizer: torch.optim.Optimizer | None = None
@@ -101,26 +149,21 @@ class SyntheticGradientWorker(StageWorker):
             for group in self.synth_optimizer.param_groups:
                 group["lr"] = self.method.synthesizer_lr
 
-    def execute(self, action: Action, received: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def run(self, action: Action, received: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         op = action.op
-        if op == "forward":
+        if op is Op.FORWARD:
             x = self.input_for_grad(received["activation"])
             out = self.module(x)
             self.current = (action.batch, x, out, received["label"])
             return {"activation": out.detach()}
-        if op == "synthetic":
+        if op is Op.SYNTHETIC:
             return self._backward(action.batch, None)
-        if op == "backward":
-            return self._backward(action.batch, received["delta"])
-        if op == "update":
-            self.update(action.batch)
+        if op is Op.BACKWARD:
+            return self._backward(action.batch, received[DELTA])
+        if op is Op.FIT:
+            self._fit(action.batch, received.get(DELTA))
             return {}
-        if op == "fit":
-            self._fit(action.batch, received.get("delta"))
-            return {}
-        if op == "loss":
-            return self.loss_step(action.batch, received, self.loss_fn)
-        raise PipelineError(f"DNI has no action {op!r}")
+        raise self.unknown(action)
 
     def _predict(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         assert self.synthesizer is not None
@@ -237,21 +280,26 @@ class SyntheticGradients(PipelineMethod):
         both = forward_s + backward_s
         return both if last else both * (1 + synthesizer_fraction)
 
-    def make_schedule(self, num_stages: int) -> Schedule:
-        return SyntheticGradientSchedule(num_stages, locked_steps=self.warmup_steps,
-                                         always_locked=self.true_gradient_mix > 0)
+    @classmethod
+    def schedule_for(cls, num_stages: int, *, warmup_steps: int = 0, true_gradient_mix: float = 0.0,
+                     **options: Any) -> Schedule:
+        return SyntheticGradientSchedule(num_stages, locked_steps=warmup_steps,
+                                         always_locked=true_gradient_mix > 0)
 
-    def make_worker(self, index: int, module: nn.Module, optimizer: torch.optim.Optimizer) -> StageWorker:
-        return SyntheticGradientWorker(index, len(self.stages), module, optimizer,
-                                       loss_fn=self.loss_fn, method=self)
+    def schedule_options(self) -> dict[str, Any]:
+        return {"warmup_steps": self.warmup_steps, "true_gradient_mix": self.true_gradient_mix}
+
+    def make_stage(self, index: int, module: nn.Module, optimizer: torch.optim.Optimizer) -> PipelineStage:
+        return SyntheticGradientStage(index, len(self.stages), module, optimizer,
+                                      loss_fn=self.loss_fn, method=self)
 
     def mix_at(self, batch: int) -> float:
         """Weight of the true δ for ``batch``: 1 during the warm-up, then ``true_gradient_mix``."""
         return 1.0 if batch < self.warmup_steps else self.true_gradient_mix
 
     def prepare(self, sample: torch.Tensor) -> None:
-        workers = [w for w in self.workers if isinstance(w, SyntheticGradientWorker) and not w.is_last]
-        if any(w.synthesizer is None for w in workers):
+        stages = [s for s in self.pipeline_stages if isinstance(s, SyntheticGradientStage) and not s.is_last]
+        if any(s.synthesizer is None for s in stages):
             self._build_synthesizers(sample)
 
     @torch.no_grad()
@@ -264,7 +312,7 @@ class SyntheticGradients(PipelineMethod):
                 h = stage(h)
                 shapes.append(tuple(h.shape[1:]))
         num_classes = int(h.shape[1]) if self.conditioned else 0
-        for worker, shape in zip(self.workers[:-1], shapes[:-1], strict=True):
-            assert isinstance(worker, SyntheticGradientWorker)
-            if worker.synthesizer is None:
-                worker.build_synthesizer(shape, num_classes)
+        for pipeline_stage, shape in zip(self.pipeline_stages[:-1], shapes[:-1], strict=True):
+            assert isinstance(pipeline_stage, SyntheticGradientStage)
+            if pipeline_stage.synthesizer is None:
+                pipeline_stage.build_synthesizer(shape, num_classes)

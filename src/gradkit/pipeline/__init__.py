@@ -1,26 +1,24 @@
-"""Decoupled pipelines: schedules as data, stage workers, and the executors that run them."""
+"""Decoupled pipelines: typed actions, the schedule base, pipeline stages, and the single-process executor.
+
+Each pipelined method (``gradkit.methods``: fr, ddg, dni, and bp's synchronous form) defines its own
+schedule and stage in its own module; what they share is here.
+"""
 
 from gradkit.pipeline.local import LocalExecutor, Message, TimelineEntry
-from gradkit.pipeline.schedule import (
-    Action,
-    DelayedGradientSchedule,
-    ReplaySchedule,
-    Schedule,
-    SynchronousSchedule,
-    SyntheticGradientSchedule,
-)
-from gradkit.pipeline.worker import PipelineError, StageWorker
+from gradkit.pipeline.schedule import ACTIVATION, DATA, DELTA, LABEL, Action, Op, Schedule
+from gradkit.pipeline.stage import PipelineError, PipelineStage
 
 __all__ = [
+    "ACTIVATION",
+    "DATA",
+    "DELTA",
+    "LABEL",
     "Action",
-    "DelayedGradientSchedule",
     "LocalExecutor",
     "Message",
+    "Op",
     "PipelineError",
-    "ReplaySchedule",
+    "PipelineStage",
     "Schedule",
-    "StageWorker",
-    "SynchronousSchedule",
-    "SyntheticGradientSchedule",
     "TimelineEntry",
 ]

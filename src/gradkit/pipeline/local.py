@@ -5,7 +5,7 @@ point-to-point links: a receive takes the oldest message of its channel and chec
 the batch the action expects. Within a step the executor runs each stage's actions in order, moving
 to the next stage when an action waits for a message that has not been sent yet, until every stage
 has finished its column (data-flow order). A round in which no stage can move is a schedule bug and
-raises :class:`~gradkit.pipeline.worker.PipelineError` instead of hanging.
+raises :class:`~gradkit.pipeline.stage.PipelineError` instead of hanging.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any, Protocol
 
 import torch
 
-from gradkit.pipeline.schedule import ACTIVATION, DATA, LABEL, Action, Schedule
-from gradkit.pipeline.worker import PipelineError, StageWorker
+from gradkit.pipeline.schedule import ACTIVATION, DATA, LABEL, Action, Op, Schedule
+from gradkit.pipeline.stage import PipelineError, PipelineStage
 
 __all__ = ["Executor", "LocalExecutor", "Message", "TimelineEntry", "execute_action"]
 
@@ -37,7 +37,7 @@ class TimelineEntry:
 
     step: int
     stage: int
-    op: str
+    op: Op
     batch: int
 
 
@@ -59,7 +59,7 @@ class Executor(Protocol):
     def empty(self) -> bool: ...
 
 
-def execute_action(worker: StageWorker, action: Action,
+def execute_action(stage: PipelineStage, action: Action,
                    received: dict[str, Message]) -> list[tuple[str, int, torch.Tensor]]:
     """Check that every received message is for ``action.batch``, run the action, and return its
     outgoing messages as (kind, destination, tensor); shared by every executor."""
@@ -67,33 +67,33 @@ def execute_action(worker: StageWorker, action: Action,
         if message.batch != action.batch:
             where = "the data source" if source == DATA else f"stage {source}"
             raise PipelineError(
-                f"stage {worker.index} ({action.op}) expected the {kind} of batch {action.batch} from {where} "
+                f"stage {stage.index} ({action.op}) expected the {kind} of batch {action.batch} from {where} "
                 f"but received batch {message.batch}"
             )
-    sent = worker.execute(action, {kind: m.tensor for kind, m in received.items()})
+    sent = stage.execute(action, {kind: m.tensor for kind, m in received.items()})
     outgoing = []
     for kind, destination in action.send:
         if kind not in sent:
-            raise PipelineError(f"stage {worker.index} ({action.op} {action.batch}) did not produce its {kind}")
+            raise PipelineError(f"stage {stage.index} ({action.op} {action.batch}) did not produce its {kind}")
         outgoing.append((kind, destination, sent[kind]))
     return outgoing
 
 
 class LocalExecutor:
-    """Runs a :class:`Schedule` over a list of :class:`StageWorker` in this process.
+    """Runs a :class:`Schedule` over a list of :class:`PipelineStage` in this process.
 
     Args:
         schedule: the order of actions.
-        workers: one worker per stage, in order.
+        stages: one pipeline stage per stage index, in order.
         record_timeline: keep a list of every executed action (tests and ``--print-schedule``).
     """
 
-    def __init__(self, schedule: Schedule, workers: Sequence[StageWorker], *,
+    def __init__(self, schedule: Schedule, stages: Sequence[PipelineStage], *,
                  record_timeline: bool = False) -> None:
-        if len(workers) != schedule.num_stages:
-            raise ValueError(f"{len(workers)} workers for a {schedule.num_stages}-stage schedule")
+        if len(stages) != schedule.num_stages:
+            raise ValueError(f"{len(stages)} pipeline stages for a {schedule.num_stages}-stage schedule")
         self.schedule = schedule
-        self.workers = list(workers)
+        self.stages = list(stages)
         self.channels: dict[Channel, deque[Message]] = {}
         self.record_timeline = record_timeline
         self.timeline: list[TimelineEntry] = []
@@ -130,7 +130,7 @@ class LocalExecutor:
 
     def _execute(self, step: int, stage: int, action: Action) -> None:
         received = {kind: self.channels[(kind, source, stage)].popleft() for kind, source in action.recv}
-        sent = execute_action(self.workers[stage], action, received)
+        sent = execute_action(self.stages[stage], action, received)
         for kind, destination, tensor in sent:
             self._put((kind, stage, destination), Message(action.batch, tensor))
         if self.record_timeline:

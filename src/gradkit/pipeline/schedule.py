@@ -9,22 +9,14 @@ executor runs each stage's column in its own process. Nothing here knows how mes
 Batches are numbered from 0 in the order they enter the pipeline. ``last_batch`` tells a schedule that
 no batch after it exists, which is how the pipeline drains (:meth:`Schedule.drain_steps` more steps).
 
-The schedules (K stages, stage k = 0..K-1, step t):
-
-* Features Replay (Huo et al., NeurIPS 2018, Algorithm 1): stage k < K-1 *plays* batch t without a
-  graph, then *replays* batch t-(K-1-k) with its current weights and the stale error gradient δ that
-  stage k+1 sent in the previous step, then updates. The last stage runs batch t with autograd.
-* DDG (Huo et al., ICML 2018): the same timing, but a *forward* keeps its graph and the *backward*
-  happens K-1-k steps later, with no recomputation.
-* DNI (Jaderberg et al., 2017): every stage updates at once with a synthetic δ and fits its
-  synthesizer on the true δ of the previous batch when it arrives; during a warm-up, or when true and
-  synthetic gradients are mixed, a stage waits for the true δ of the same batch (backward locking).
-* Synchronous pipeline: forward through all stages, backward through all, update — plain backprop
-  split into stages (the backward-locked reference).
+Each pipelined method defines its own schedule next to its stage (``gradkit.methods.features_replay``,
+``delayed_gradients``, ``synthetic_gradients``, ``synchronous``); this module holds what they share:
+the typed actions (:class:`Op`), the message kinds and the :class:`Schedule` base with its helpers.
 """
 
 from __future__ import annotations
 
+import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -33,13 +25,9 @@ __all__ = [
     "DATA",
     "DELTA",
     "LABEL",
-    "SCHEDULES",
     "Action",
+    "Op",
     "Schedule",
-    "ReplaySchedule",
-    "DelayedGradientSchedule",
-    "SyntheticGradientSchedule",
-    "SynchronousSchedule",
 ]
 
 ACTIVATION = "activation"
@@ -52,18 +40,45 @@ DATA = -1
 """Peer index of the data source (inputs and labels)."""
 
 
+class Op(str, enum.Enum):
+    """What a stage can do in one action; each pipelined method's stage handles the ops it schedules."""
+
+    PLAY = "play"
+    """Forward without a graph, keeping the input for a later replay (Features Replay)."""
+    REPLAY = "replay"
+    """Forward a kept input again with autograd and backpropagate the δ received (Features Replay)."""
+    FORWARD = "forward"
+    """Forward with autograd, keeping the graph for a later backward."""
+    BACKWARD = "backward"
+    """Backpropagate the δ received through a kept graph."""
+    SYNTHETIC = "synthetic"
+    """Backpropagate a synthesizer's prediction of δ (DNI)."""
+    FIT = "fit"
+    """Regress the synthesizer onto the true δ (DNI)."""
+    UPDATE = "update"
+    """The stage's optimizer step."""
+    LOSS = "loss"
+    """The last stage: forward with autograd, loss, backward."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
 @dataclass(frozen=True)
 class Action:
     """One thing a stage does in one step.
 
     Attributes:
-        op: what to do, e.g. ``"play"``, ``"replay"``, ``"update"`` (each worker knows its own ops).
+        op: what to do (:class:`Op`).
         batch: the batch the action works on; every message it consumes or sends carries this id.
         recv: messages consumed, as (kind, source stage or :data:`DATA`).
         send: messages produced, as (kind, destination stage).
     """
 
-    op: str
+    op: Op
     batch: int
     recv: tuple[tuple[str, int], ...] = ()
     send: tuple[tuple[str, int], ...] = ()
@@ -116,7 +131,7 @@ class Schedule(ABC):
         if not self._exists(step, last_batch):
             return []
         recv = (self._from_below(stage), (LABEL, DATA))
-        return [Action("loss", step, recv, self._down(stage)), Action("update", step)]
+        return [Action(Op.LOSS, step, recv, self._down(stage)), Action(Op.UPDATE, step)]
 
     # -- display -----------------------------------------------------------------------------------
     def grid(self, steps: int, *, last_batch: int | None = None) -> str:
@@ -131,118 +146,3 @@ class Schedule(ABC):
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         return "\n".join(lines)
-
-
-class ReplaySchedule(Schedule):
-    """Features Replay: play batch t, replay batch t-(K-1-k) against the stale δ (Algorithm 1).
-
-    Stage k neither replays nor updates during its first K-1-k steps (the reference's warm-up; the
-    paper's "zero features" would let weight decay and momentum move the weights).
-    """
-
-    name = "fr"
-    forward_op, backward_op = "play", "replay"
-
-    def delay(self, stage: int) -> int:
-        """How many steps old the batch that ``stage`` trains on is: K-1-k."""
-        return self.num_stages - 1 - stage
-
-    def first_update(self, stage: int) -> int:
-        return self.delay(stage)
-
-    def actions(self, step: int, stage: int, last_batch: int | None = None) -> list[Action]:
-        if self._last(stage):
-            return self._loss_actions(step, stage, last_batch)
-        out = []
-        if self._exists(step, last_batch):
-            out.append(Action(self.forward_op, step, (self._from_below(stage),), self._up(stage)))
-        old = step - self.delay(stage)
-        if self._exists(old, last_batch):
-            out.append(Action(self.backward_op, old, ((DELTA, stage + 1),), self._down(stage)))
-            out.append(Action("update", old))
-        return out
-
-    def drain_steps(self) -> int:
-        return self.num_stages - 1
-
-
-class DelayedGradientSchedule(ReplaySchedule):
-    """DDG: FR's timing, but the forward keeps its graph and the backward runs K-1-k steps later."""
-
-    name = "ddg"
-    forward_op, backward_op = "forward", "backward"
-
-
-class SyntheticGradientSchedule(Schedule):
-    """DNI: update at once with a synthetic δ; fit the synthesizer when the true δ arrives.
-
-    Args:
-        num_stages: K.
-        locked_steps: steps (from the start) during which every stage waits for the true δ of the
-            same batch (the warm-up that trains synthesizers while using true gradients).
-        always_locked: wait for the true δ at every step (needed to mix true and synthetic δ).
-    """
-
-    name = "dni"
-
-    def __init__(self, num_stages: int, *, locked_steps: int = 0, always_locked: bool = False) -> None:
-        super().__init__(num_stages)
-        if locked_steps < 0:
-            raise ValueError(f"locked_steps must be >= 0, got {locked_steps}")
-        self.locked_steps = locked_steps
-        self.always_locked = always_locked
-
-    def locked(self, step: int) -> bool:
-        """Whether stages wait for the true δ of batch ``step``."""
-        return self.always_locked or step < self.locked_steps
-
-    def actions(self, step: int, stage: int, last_batch: int | None = None) -> list[Action]:
-        if self._last(stage):
-            return self._loss_actions(step, stage, last_batch)
-        out = []
-        if self._exists(step, last_batch):
-            labels = ((LABEL, DATA),)
-            out.append(Action("forward", step, (self._from_below(stage),) + labels, self._up(stage)))
-            if self.locked(step):
-                out.append(Action("backward", step, ((DELTA, stage + 1),), self._down(stage)))
-                out.append(Action("update", step))
-                out.append(Action("fit", step))
-            else:
-                out.append(Action("synthetic", step, (), self._down(stage)))
-                out.append(Action("update", step))
-        previous = step - 1
-        if self._exists(previous, last_batch) and not self.locked(previous):
-            out.append(Action("fit", previous, ((DELTA, stage + 1),)))
-        return out
-
-    def drain_steps(self) -> int:
-        return 1
-
-
-class SynchronousSchedule(Schedule):
-    """Backprop split into stages: forward up, backward down, then every stage updates."""
-
-    name = "bp"
-
-    def actions(self, step: int, stage: int, last_batch: int | None = None) -> list[Action]:
-        if self._last(stage):
-            return self._loss_actions(step, stage, last_batch)
-        if not self._exists(step, last_batch):
-            return []
-        return [
-            Action("forward", step, (self._from_below(stage),), self._up(stage)),
-            Action("backward", step, ((DELTA, stage + 1),), self._down(stage)),
-            Action("update", step),
-        ]
-
-    def drain_steps(self) -> int:
-        return 0
-
-
-SCHEDULES: dict[str, type[Schedule]] = {
-    "fr": ReplaySchedule,
-    "ddg": DelayedGradientSchedule,
-    "dni": SyntheticGradientSchedule,
-    "bp": SynchronousSchedule,
-}
-"""The schedule of each pipelined method (``bp``: the synchronous, backward-locked pipeline)."""

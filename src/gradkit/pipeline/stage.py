@@ -1,4 +1,4 @@
-"""What one pipeline stage does: the worker interface every decoupled method implements."""
+"""What one pipeline stage does: the interface every decoupled method's stage implements."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradkit.pipeline.schedule import Action
+from gradkit.pipeline.schedule import DELTA, Action, Op
 
-__all__ = ["PipelineError", "StageWorker", "UpdateObserver"]
+__all__ = ["PipelineError", "PipelineStage", "UpdateObserver"]
 
 UpdateObserver = Callable[[int, int, Sequence[nn.Parameter]], None]
 """Called as ``observer(stage, batch, params)`` just before a stage's optimizer step, with the
@@ -22,20 +22,29 @@ class PipelineError(RuntimeError):
     """A message arrived for the wrong batch, or the schedule cannot make progress (a bug, not bad input)."""
 
 
-class StageWorker(ABC):
+class PipelineStage(ABC):
     """One stage of a pipeline: its module, its optimizer and its in-flight buffers.
 
-    A worker executes the actions of a :class:`~gradkit.pipeline.schedule.Schedule` one at a time:
+    A stage executes the actions of a :class:`~gradkit.pipeline.schedule.Schedule` one at a time:
     :meth:`execute` gets the messages the action consumes (by kind) and returns those it sends. It never
-    talks to other stages itself, so the same worker runs in one process or in one process per stage.
+    talks to other stages itself, so the same object runs in one process or in one process per stage
+    (the split of torch pipelining's ``PipelineStage`` and ``Schedule``).
+
+    Subclasses implement :meth:`run` for their own ops; :data:`Op.UPDATE` and :data:`Op.LOSS` are
+    handled here.
+
+    Args:
+        loss_fn: ``loss_fn(output, target)`` for the last stage's :data:`Op.LOSS`.
     """
 
     def __init__(self, index: int, num_stages: int, module: nn.Module,
-                 optimizer: torch.optim.Optimizer) -> None:
+                 optimizer: torch.optim.Optimizer, *,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
         self.index = index
         self.num_stages = num_stages
         self.module = module
         self.optimizer = optimizer
+        self.loss_fn = loss_fn
         self.observers: list[UpdateObserver] = []
         self.last_loss: float | None = None
         """Loss of the most recent ``loss`` action (last stage only)."""
@@ -44,9 +53,22 @@ class StageWorker(ABC):
     def is_last(self) -> bool:
         return self.index == self.num_stages - 1
 
-    @abstractmethod
     def execute(self, action: Action, received: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Run ``action`` with the messages it consumes; return the messages it sends, by kind."""
+        if action.op is Op.UPDATE:
+            self.update(action.batch)
+            return {}
+        if action.op is Op.LOSS:
+            return self.loss_step(received)
+        return self.run(action, received)
+
+    @abstractmethod
+    def run(self, action: Action, received: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The method's own ops (everything but update and loss)."""
+
+    def unknown(self, action: Action) -> PipelineError:
+        """The error for an op this stage does not handle (a schedule bug)."""
+        return PipelineError(f"{type(self).__name__} has no action {action.op}")
 
     # -- shared pieces ------------------------------------------------------------------------------
     def params(self) -> list[nn.Parameter]:
@@ -67,14 +89,13 @@ class StageWorker(ABC):
         if not x.requires_grad:
             return {}
         grad = x.grad if x.grad is not None else torch.zeros_like(x)
-        return {"delta": grad}
+        return {DELTA: grad}
 
-    def loss_step(self, batch: int, received: dict[str, torch.Tensor],
-                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+    def loss_step(self, received: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The last stage: forward with autograd, loss, backward; δ of the input goes down."""
         x = self.input_for_grad(received["activation"])
         self.optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(self.module(x), received["label"])
+        loss = self.loss_fn(self.module(x), received["label"])
         loss.backward()
         self.last_loss = loss.item()
         return self.input_grad(x)
