@@ -15,6 +15,7 @@ __all__ = [
     "RunInterrupted",
     "WorkerFailed",
     "PeerFailed",
+    "PipelineError",
 ]
 
 
@@ -62,3 +63,8 @@ class PeerFailed(GradkitError):
     """Another rank of a multi-process run failed, so this one stopped."""
 
     exit_code = 1
+
+
+class PipelineError(RuntimeError):
+    """A message arrived for the wrong batch, or a schedule cannot make progress: a bug in a pipelined
+    method or an executor, not bad input (so not a :class:`GradkitError`)."""

@@ -366,15 +366,10 @@ def bn_relu_conv(x: torch.Tensor, bn: nn.BatchNorm2d, conv: nn.Conv2d, bits: int
     return _BNReLUConv.apply(x, bn.weight, bn.bias, conv.weight, conv.bias, bn, conv, bits)
 
 
-def _basic_forward(block: Any, bits: int, x: torch.Tensor) -> torch.Tensor:
-    out = bn_relu_conv(block.conv1(x), block.bn1, block.conv2, bits)
-    return block.relu2(block.bn2(out) + block.shortcut(x))
-
-
-def _bottleneck_forward(block: Any, bits: int, x: torch.Tensor) -> torch.Tensor:
-    out = bn_relu_conv(block.conv1(x), block.bn1, block.conv2, bits)
-    out = bn_relu_conv(out, block.bn2, block.conv3, bits)
-    return block.relu3(block.bn3(out) + block.shortcut(x))
+def _blpa_unit(x: torch.Tensor, norm: nn.Module, relu: nn.Module, conv: nn.Module, *, bits: int) -> torch.Tensor:
+    """A residual block's ``unit`` (see ``gradkit.models.resnet``) computed by :func:`bn_relu_conv`."""
+    assert isinstance(norm, nn.BatchNorm2d) and isinstance(conv, nn.Conv2d)
+    return bn_relu_conv(x, norm, conv, bits)
 
 
 def blpa_units(model: nn.Module) -> list[tuple[str, Any]]:
@@ -395,15 +390,12 @@ def blpa_units(model: nn.Module) -> list[tuple[str, Any]]:
 def apply_blpa(model: nn.Module, bits: int) -> int:
     """Route the residual blocks of ``model`` through :func:`bn_relu_conv`; returns how many.
 
-    The blocks keep their modules, parameters and ``state_dict`` keys; only the instance's
-    ``forward`` changes (undo with :func:`remove_blpa`).
+    The blocks keep their modules, parameters and ``state_dict`` keys; only their ``unit`` (the one
+    extension point of a residual block) changes (undo with :func:`remove_blpa`).
     """
-    from gradkit.models.resnet import Bottleneck
-
     units = blpa_units(model)
     for _, block in units:
-        forward = _bottleneck_forward if isinstance(block, Bottleneck) else _basic_forward
-        block.forward = functools.partial(forward, block, bits)
+        block.unit = functools.partial(_blpa_unit, bits=bits)
     if not units:
         log.info("no BatchNorm->ReLU->Conv residual blocks found; every tensor uses the generic path")
     return len(units)
@@ -412,4 +404,4 @@ def apply_blpa(model: nn.Module, bits: int) -> int:
 def remove_blpa(model: nn.Module) -> None:
     """Undo :func:`apply_blpa`."""
     for _, block in blpa_units(model):
-        block.__dict__.pop("forward", None)
+        block.__dict__.pop("unit", None)

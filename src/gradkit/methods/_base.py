@@ -4,15 +4,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from gradkit.optim import OptimizerConfig, OptimizerFactory
-
-if TYPE_CHECKING:
-    from gradkit.methods._pipelined import PipelineMethod
 
 __all__ = ["Method", "LossFn"]
 
@@ -38,7 +35,7 @@ class Method(ABC):
     name: str = ""
 
     @classmethod
-    def stage_parallel_form(cls) -> type[PipelineMethod] | None:
+    def stage_parallel_form(cls) -> type[Method] | None:
         """The class that runs this method with one process per stage (``--workers``), or None.
 
         A :class:`~gradkit.methods.PipelineMethod` is its own stage-parallel form; ``bp`` answers with

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 
 from gradkit.errors import ConfigError
 from gradkit.methods._base import LossFn, Method
+from gradkit.methods._pipelined import PipelineMethod
 from gradkit.optim import OptimizerFactory
 from gradkit.registry import Registry
-
-if TYPE_CHECKING:
-    from gradkit.methods._pipelined import PipelineMethod
 
 __all__ = ["METHODS", "build", "method_options", "stage_parallel_class", "stage_parallel_names"]
 
@@ -40,7 +38,9 @@ def stage_parallel_class(name: str) -> type[PipelineMethod] | None:
     Raises:
         ConfigError: the name is unknown.
     """
-    return METHODS.get(name).stage_parallel_form()
+    form = METHODS.get(name).stage_parallel_form()
+    assert form is None or issubclass(form, PipelineMethod), f"{name}: {form} is not a PipelineMethod"
+    return form
 
 
 def stage_parallel_names() -> list[str]:

@@ -14,7 +14,7 @@ pipeline can be cut between any two blocks.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +76,28 @@ def _norm(ch: int, batch_norm: bool) -> nn.Module:
     return nn.BatchNorm2d(ch) if batch_norm else nn.Identity()
 
 
-class BasicBlock(nn.Module):
+UnitFn = Callable[[torch.Tensor, nn.Module, nn.Module, nn.Module], torch.Tensor]
+"""``unit(x, norm, relu, conv)``: a residual branch's norm -> ReLU -> conv unit."""
+
+
+def plain_unit(x: torch.Tensor, norm: nn.Module, relu: nn.Module, conv: nn.Module) -> torch.Tensor:
+    """``conv(relu(norm(x)))``, the unit as every framework computes it."""
+    return conv(relu(norm(x)))
+
+
+class _ResidualBlock(nn.Module):
+    """What the residual blocks share: their norm -> ReLU -> conv units go through :attr:`unit`.
+
+    ``unit`` is the one place a block's units can be computed differently without changing its
+    modules or ``state_dict``: :func:`gradkit.compress.apply_blpa` sets it on a block to keep
+    low-bit codes for backward (Chakrabarti & Moseley, NeurIPS 2019); deleting the instance
+    attribute restores :func:`plain_unit`.
+    """
+
+    unit: UnitFn = staticmethod(plain_unit)
+
+
+class BasicBlock(_ResidualBlock):
     """Two 3x3 convs with a residual connection: ``relu(bn2(conv2(relu(bn1(conv1 x)))) + shortcut x)``.
 
     Args:
@@ -114,16 +135,15 @@ class BasicBlock(nn.Module):
             self.shortcut = _projection(in_ch, out_ch, stride, batch_norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu1(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu2(out + self.shortcut(x))
+        out = self.unit(self.conv1(x), self.bn1, self.relu1, self.conv2)
+        return self.relu2(self.bn2(out) + self.shortcut(x))
 
     def last_norm(self) -> nn.Module:
         """The norm on the residual branch's output (zeroed by ``zero_init_residual``)."""
         return self.bn2
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_ResidualBlock):
     """1x1 reduce, 3x3 (carrying the stride), 1x1 expand by ``expansion``; projection shortcut.
 
     The stride sits on the 3x3 conv (as torchvision's "ResNet v1.5"), the usual choice in CIFAR code.
@@ -150,10 +170,9 @@ class Bottleneck(nn.Module):
             self.shortcut = _projection(in_ch, out_ch, stride, batch_norm=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu1(self.bn1(self.conv1(x)))
-        out = self.relu2(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu3(out + self.shortcut(x))
+        out = self.unit(self.conv1(x), self.bn1, self.relu1, self.conv2)
+        out = self.unit(out, self.bn2, self.relu2, self.conv3)
+        return self.relu3(self.bn3(out) + self.shortcut(x))
 
     def last_norm(self) -> nn.Module:
         """The norm on the residual branch's output (zeroed by ``zero_init_residual``)."""

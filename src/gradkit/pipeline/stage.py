@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradkit.errors import PipelineError
 from gradkit.pipeline.schedule import DELTA, Action, Op
 
 __all__ = ["PipelineError", "PipelineStage", "UpdateObserver"]
@@ -16,10 +17,6 @@ __all__ = ["PipelineError", "PipelineStage", "UpdateObserver"]
 UpdateObserver = Callable[[int, int, Sequence[nn.Parameter]], None]
 """Called as ``observer(stage, batch, params)`` just before a stage's optimizer step, with the
 gradients about to be applied in ``p.grad`` (used by the direction diagnostics)."""
-
-
-class PipelineError(RuntimeError):
-    """A message arrived for the wrong batch, or the schedule cannot make progress (a bug, not bad input)."""
 
 
 class PipelineStage(ABC):
