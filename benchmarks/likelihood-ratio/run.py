@@ -41,7 +41,7 @@ from gradkit.models import build_model
 from gradkit.robustness import attacked_accuracy
 
 HERE = Path(__file__).resolve().parent
-RUNS = Path("runs/bench-lr")
+RUNS = Path("runs/bench-likelihood-ratio")
 # One thread: on a shared 2-core machine, two threads spin-wait on each other (see the README).
 THREADS = 1
 

@@ -11,6 +11,10 @@ Example:
     >>> loss = method.step(x, y)
 """
 
+import importlib
+import warnings
+from typing import Any
+
 from gradkit import data, memory, methods, models
 from gradkit.backend import evaluate
 from gradkit.config import TrainConfig
@@ -40,3 +44,16 @@ __all__ = [
     "split",
     "train",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # gradkit.lr was renamed gradkit.likelihood_ratio ("lr" means learning rate everywhere else);
+    # the old attribute still resolves, with a warning, until the next release.
+    if name == "lr":
+        warnings.warn(
+            "gradkit.lr was renamed to gradkit.likelihood_ratio; the old name goes in the next release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return importlib.import_module("gradkit.likelihood_ratio")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

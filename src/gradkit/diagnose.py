@@ -19,7 +19,7 @@ from gradkit import methods as _methods
 from gradkit.config import TrainConfig
 from gradkit.data import BatchLoader, Dataset, load_dataset
 from gradkit.errors import ConfigError
-from gradkit.lr.layers import find_layers
+from gradkit.likelihood_ratio.layers import find_layers
 from gradkit.models import build_model
 from gradkit.stages import split
 

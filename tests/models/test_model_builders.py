@@ -27,7 +27,8 @@ EXPECTED_NAMES = {
     "resnet5",
     "vgg8",
 }
-NON_IMAGE = {"rnn", "gru", "lstm", "gcn"}  # text and graph models: tested in tests/ulr/test_models_data.py
+# Text and graph models: tested in tests/likelihood_ratio/test_models_data.py.
+NON_IMAGE = {"rnn", "gru", "lstm", "gcn"}
 BIG = {"resnet101", "resnet152"}  # tens of millions of parameters: forward on batch 2 only
 SHAPES = [(1, 28, 28), (3, 32, 32)]
 

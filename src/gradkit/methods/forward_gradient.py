@@ -15,8 +15,8 @@ from torch import nn
 from torch.func import functional_call, jvp
 
 from gradkit.methods._base import LossFn
+from gradkit.methods._directional import DirectionalEstimator, eval_mode_after_clean_pass
 from gradkit.methods._registry import METHODS
-from gradkit.methods._zeroth_order import DirectionalEstimator, eval_mode_after_clean_pass
 from gradkit.optim import OptimizerFactory
 
 __all__ = ["ForwardGradient"]

@@ -2,9 +2,10 @@
 
 Jiang, Zhang, Xu, Yu, Peng, "One Forward is Enough for Neural Network Training via Likelihood Ratio
 Method" (ICLR 2024). With one stage, every layer gets its gradient from noise on its own output
-(:class:`gradkit.lr.LREstimator`); with ``--stages K`` (K >= 2), noise goes only at stage boundaries and
-each stage backpropagates inside itself (:class:`gradkit.lr.hybrid.HybridEstimator`). Either way the
-estimate fills ``.grad`` and the configured torch optimizer steps.
+(:class:`gradkit.likelihood_ratio.LikelihoodRatioEstimator`); with ``--stages K`` (K >= 2), noise goes
+only at stage boundaries and each stage backpropagates inside itself
+(:class:`gradkit.likelihood_ratio.hybrid.HybridEstimator`). Either way the estimate fills ``.grad`` and
+the configured torch optimizer steps.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import torch
 from torch import nn
 
 from gradkit.errors import ConfigError
-from gradkit.lr.engine import LRConfig, LREstimator
-from gradkit.lr.hybrid import HybridEstimator
+from gradkit.likelihood_ratio.engine import LikelihoodRatioConfig, LikelihoodRatioEstimator
+from gradkit.likelihood_ratio.hybrid import HybridEstimator
 from gradkit.methods._base import LossFn, Method
 from gradkit.methods._registry import METHODS
 from gradkit.optim import OptimizerFactory
@@ -71,26 +72,28 @@ class LikelihoodRatio(Method):
         output_noise: bool = False,
     ) -> None:
         super().__init__(stages, loss_fn=loss_fn, optimizer=optimizer)
-        self.estimator: LREstimator | HybridEstimator
+        self.estimator: LikelihoodRatioEstimator | HybridEstimator
         if len(self.stages) > 1 or output_noise:
             if inject != "logit" or adaptive_sigma or not layerwise:
                 raise ConfigError(
                     "the hybrid mode (--stages K >= 2) puts logit noise at stage boundaries; "
                     "drop inject/layerwise/adaptive_sigma or use --stages 1"
                 )
-            LRConfig(baseline=baseline, sampler=sampler, memory_budget_mb=memory_budget_mb).validate()
+            LikelihoodRatioConfig(
+                baseline=baseline, sampler=sampler, memory_budget_mb=memory_budget_mb
+            ).validate()
             self.estimator = HybridEstimator(
                 self.stages, self.loss_fn, copies=HYBRID_DEFAULT_COPIES if copies is None else copies,
                 sigma=sigma, baseline=baseline, sampler=sampler,
                 output_noise=output_noise, memory_budget_mb=memory_budget_mb,
             )
         else:
-            config = LRConfig(
+            config = LikelihoodRatioConfig(
                 copies=DEFAULT_COPIES if copies is None else copies, sigma=sigma, inject=inject, layerwise=layerwise, baseline=baseline,
                 sampler=sampler, adaptive_sigma=adaptive_sigma, sigma_lr=sigma_lr,
                 memory_budget_mb=memory_budget_mb,
             )
-            self.estimator = LREstimator(self.stages, self.loss_fn, config)
+            self.estimator = LikelihoodRatioEstimator(self.stages, self.loss_fn, config)
         self._optimizer = self.optimizer_factory(self.parameters())
 
     @property
@@ -108,11 +111,14 @@ class LikelihoodRatio(Method):
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        if isinstance(self.estimator, LREstimator):
-            state["lr_estimator"] = self.estimator.state_dict()
+        if isinstance(self.estimator, LikelihoodRatioEstimator):
+            state["estimator"] = self.estimator.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        if isinstance(self.estimator, LREstimator) and "lr_estimator" in state:
-            self.estimator.load_state_dict(state["lr_estimator"])
+        if isinstance(self.estimator, LikelihoodRatioEstimator):
+            # "lr_estimator": the key in checkpoints written before the rename.
+            saved = state.get("estimator", state.get("lr_estimator"))
+            if saved is not None:
+                self.estimator.load_state_dict(saved)

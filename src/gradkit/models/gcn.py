@@ -54,12 +54,13 @@ def normalized_adjacency(num_nodes: int, edges: torch.Tensor) -> torch.Tensor:
 class GraphConv(nn.Linear):
     """Graph convolution ``(ÂX) W + b`` given the aggregated input ``ÂX``.
 
-    Its output covers every node and is shared by the batch (``lr_shared_output``); a likelihood-ratio
-    estimate uses the Linear contraction with ``ÂX`` in place of x (``lr_linear``).
+    Its output covers every node and is shared by the batch (``output_shared_by_batch``); a
+    likelihood-ratio estimate uses the Linear contraction with ``ÂX`` in place of x
+    (``estimate_as_linear``).
     """
 
-    lr_shared_output = True
-    lr_linear = True
+    output_shared_by_batch = True
+    estimate_as_linear = True
 
 
 class GraphInput(nn.Module):

@@ -43,8 +43,8 @@ class Recurrent(nn.Module):
     Parameters follow ``torch.nn.RNN``'s layout (``weight_ih``, ``weight_hh``, ``bias_ih``, ``bias_hh``,
     gates stacked as torch orders them) and its uniform(±1/√hidden) initialisation.
 
-    Implements :class:`gradkit.lr.StepNoiseLayer`: while ``lr_noise`` is set it adds ``σ·ε`` to the
-    pre-activations at every step and records the step's inputs.
+    Implements :class:`gradkit.likelihood_ratio.StepNoiseLayer`: while ``step_noise`` is set it adds
+    ``σ·ε`` to the pre-activations at every step and records the step's inputs.
     """
 
     def __init__(self, kind: str, input_size: int, hidden_size: int) -> None:
@@ -60,9 +60,9 @@ class Recurrent(nn.Module):
         bound = 1 / math.sqrt(hidden_size)
         for p in self.parameters():
             nn.init.uniform_(p, -bound, bound)
-        self.lr_noise: Callable[[tuple[int, ...]], torch.Tensor] | None = None
-        self.lr_sigma = 0.0
-        self.lr_record_numel = 0
+        self.step_noise: Callable[[tuple[int, ...]], torch.Tensor] | None = None
+        self.noise_sigma = 0.0
+        self.noise_record_numel = 0
         self._records: list[tuple[torch.Tensor, ...]] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,11 +70,11 @@ class Recurrent(nn.Module):
         hid = self.hidden_size
         gates = _GATES[self.kind] * hid
         # What noisy copies record per step: the input, the previous state and one or two noise draws.
-        self.lr_record_numel = n * steps * (x.shape[2] + hid + 2 * gates)
+        self.noise_record_numel = n * steps * (x.shape[2] + hid + 2 * gates)
         h = x.new_zeros(n, hid)
         c = x.new_zeros(n, hid)
         a_x_all = x @ self.weight_ih.t() + self.bias_ih
-        noise = self.lr_noise
+        noise = self.step_noise
         for t in range(steps):
             a_x = a_x_all[:, t]
             a_h = h @ self.weight_hh.t() + self.bias_hh
@@ -82,9 +82,9 @@ class Recurrent(nn.Module):
                 e_x = noise((n, gates))
                 e_h = noise((n, gates)) if self.kind == "gru" else e_x
                 self._records.append((x[:, t], h, e_x, e_h))
-                a_x = a_x + self.lr_sigma * e_x
+                a_x = a_x + self.noise_sigma * e_x
                 if self.kind == "gru":
-                    a_h = a_h + self.lr_sigma * e_h
+                    a_h = a_h + self.noise_sigma * e_h
             if self.kind == "rnn":
                 h = torch.tanh(a_x + a_h)
             elif self.kind == "lstm":
@@ -99,7 +99,7 @@ class Recurrent(nn.Module):
         return h
 
     # -- StepNoiseLayer ----------------------------------------------------------------------------
-    def lr_grads(self, coef: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def noise_grads(self, coef: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """``Σ_t Σ_rows coef·ε_tᵀ input_t`` per weight (the Linear estimator at every step)."""
         out: dict[str, Any] = {name: torch.zeros_like(p) for name, p in self.named_parameters()}
         chi = coef.new_zeros(())
@@ -116,9 +116,9 @@ class Recurrent(nn.Module):
                 chi = chi + (col * (e_h**2 - 1)).sum()
         return out, chi
 
-    def lr_clear(self) -> None:
+    def clear_noise(self) -> None:
         self._records = []
-        self.lr_noise = None
+        self.step_noise = None
 
     def extra_repr(self) -> str:
         return f"{self.kind}, hidden_size={self.hidden_size}"

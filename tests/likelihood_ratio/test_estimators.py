@@ -9,10 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import gradkit.lr.engine as engine
+import gradkit.likelihood_ratio.engine as engine
 from gradkit.errors import ConfigError
-from gradkit.lr import LRConfig, LREstimator, draw_noise, local_grads
-from gradkit.lr.layers import _vjp
+from gradkit.likelihood_ratio import (
+    LikelihoodRatioConfig,
+    LikelihoodRatioEstimator,
+    draw_noise,
+    local_grads,
+)
+from gradkit.likelihood_ratio.layers import _vjp
 
 
 def true_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
@@ -25,7 +30,7 @@ def true_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch
 
 def estimates(model: nn.Module, x: torch.Tensor, y: torch.Tensor, runs: int, **options: object) -> torch.Tensor:
     """``runs`` independent estimates (different seeds) of all parameters, flattened: (runs, P)."""
-    est = LREstimator([model], F.cross_entropy, LRConfig(**options))
+    est = LikelihoodRatioEstimator([model], F.cross_entropy, LikelihoodRatioConfig(**options))
     rows = []
     for seed in range(runs):
         torch.manual_seed(seed)
@@ -116,7 +121,8 @@ def test_chunked_and_unchunked_copies_give_the_same_estimate(monkeypatch: pytest
     grads = []
     for budget in (1e3, 1e-4):  # all 12 copies in one chunk, or one copy per chunk
         used.clear()
-        LREstimator([model], F.cross_entropy, LRConfig(copies=12, memory_budget_mb=budget)).estimate(x, y)
+        config = LikelihoodRatioConfig(copies=12, memory_budget_mb=budget)
+        LikelihoodRatioEstimator([model], F.cross_entropy, config).estimate(x, y)
         assert used == {(10, 8): 12, (10, 3): 12}
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads, strict=True):
@@ -128,7 +134,7 @@ def test_estimate_fills_grad_so_any_optimizer_steps() -> None:
     model = nn.Sequential(nn.Sequential(nn.Linear(6, 3)))
     x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    est = LREstimator([model], F.cross_entropy, LRConfig(copies=32))
+    est = LikelihoodRatioEstimator([model], F.cross_entropy, LikelihoodRatioConfig(copies=32))
     first = est.estimate(x, y)
     for _ in range(30):
         opt.step()
@@ -157,7 +163,7 @@ def test_noise_layouts() -> None:
 def test_bad_options_are_one_line_config_errors(options: dict, message: str) -> None:
     model = nn.Sequential(nn.Sequential(nn.Linear(6, 8), nn.ReLU()), nn.Sequential(nn.Linear(8, 3)))
     with pytest.raises(ConfigError, match=message):
-        LREstimator([model], F.cross_entropy, LRConfig(**options))
+        LikelihoodRatioEstimator([model], F.cross_entropy, LikelihoodRatioConfig(**options))
 
 
 def test_adaptive_sigma_moves_sigma_and_resumes_exactly() -> None:
@@ -191,7 +197,7 @@ def test_reusing_the_clean_output_does_not_change_the_estimate() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8)), nn.Sequential(nn.Linear(8, 3)))
     x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
-    est = LREstimator([model], F.cross_entropy, LRConfig(copies=4))
+    est = LikelihoodRatioEstimator([model], F.cross_entropy, LikelihoodRatioConfig(copies=4))
     torch.manual_seed(3)
     est.estimate(x, y)
     reused = [p.grad.clone() for p in model.parameters()]

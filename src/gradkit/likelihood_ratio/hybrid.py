@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from gradkit.errors import ConfigError
-from gradkit.lr.engine import LossFn, per_layer, per_sample_loss, repeat_copies
-from gradkit.lr.noise import draw_noise
+from gradkit.likelihood_ratio.engine import LossFn, per_layer, per_sample_loss, repeat_copies
+from gradkit.likelihood_ratio.noise import draw_noise
 
 __all__ = ["HybridEstimator"]
 

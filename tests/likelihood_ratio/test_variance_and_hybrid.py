@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradkit.lr import LRConfig, LREstimator
-from gradkit.lr.hybrid import HybridEstimator
+from gradkit.likelihood_ratio import LikelihoodRatioConfig, LikelihoodRatioEstimator
+from gradkit.likelihood_ratio.hybrid import HybridEstimator
 
 
 def mlp() -> nn.Sequential:
@@ -30,7 +30,7 @@ def mean_cosine(model: nn.Sequential, seeds: int = 6, **options: object) -> floa
     model.zero_grad()
     F.cross_entropy(model(x), y).backward()
     truth = torch.cat([p.grad.flatten() for p in model.parameters()])
-    est = LREstimator([model], F.cross_entropy, LRConfig(**options))
+    est = LikelihoodRatioEstimator([model], F.cross_entropy, LikelihoodRatioConfig(**options))
     cos = []
     for seed in range(seeds):
         torch.manual_seed(seed)
@@ -63,7 +63,8 @@ def test_hybrid_one_stage_with_output_noise_equals_the_plain_estimator() -> None
     for p in list(plain_model.parameters())[:-2]:
         p.requires_grad_(False)  # the plain estimator then puts noise only at the output layer
     torch.manual_seed(5)
-    LREstimator([plain_model], F.cross_entropy, LRConfig(copies=8)).estimate(x, y)
+    config = LikelihoodRatioConfig(copies=8)
+    LikelihoodRatioEstimator([plain_model], F.cross_entropy, config).estimate(x, y)
     torch.manual_seed(5)
     hybrid = HybridEstimator([hybrid_model], F.cross_entropy, copies=8, output_noise=True)
     hybrid.estimate(x, y)

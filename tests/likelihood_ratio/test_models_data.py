@@ -14,7 +14,7 @@ from gradkit.cli import main
 from gradkit.data import BatchLoader, load_dataset
 from gradkit.data.ag_news import SEQ_LEN
 from gradkit.errors import ConfigError
-from gradkit.lr import LRConfig, LREstimator
+from gradkit.likelihood_ratio import LikelihoodRatioConfig, LikelihoodRatioEstimator
 from gradkit.methods import build
 from gradkit.models import build_model
 from gradkit.models.recurrent import Recurrent
@@ -26,7 +26,7 @@ def cosines(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **options: objec
     F.cross_entropy(model(x), y).backward()
     truth = [p.grad.clone() for p in model.parameters()]
     torch.manual_seed(0)
-    LREstimator([model], F.cross_entropy, LRConfig(**options)).estimate(x, y)
+    LikelihoodRatioEstimator([model], F.cross_entropy, LikelihoodRatioConfig(**options)).estimate(x, y)
     return [float(F.cosine_similarity(p.grad.flatten(), t.flatten(), dim=0)) for p, t in zip(model.parameters(), truth, strict=True)]
 
 

@@ -10,7 +10,8 @@ Method" (ICLR 2024). One training step:
    come from the same function;
 3. noisy passes: layer-wise (default) one pass per layer, with that layer's copies stacked into one batch
    and only the blocks from that layer on re-run, chunked to a memory budget; or all layers at once;
-4. each layer's estimate ``J_W(x)ᵀ Σ (L - b) ε / σ`` goes to ``.grad`` (see :mod:`gradkit.lr.layers`).
+4. each layer's estimate ``J_W(x)ᵀ Σ (L - b) ε / σ`` goes to ``.grad`` (see
+   :mod:`gradkit.likelihood_ratio.layers`).
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from gradkit.errors import ConfigError
-from gradkit.lr.layers import LRLayer, find_layers, flat_blocks, local_grads
-from gradkit.lr.noise import SAMPLERS, draw_noise
+from gradkit.likelihood_ratio.layers import NoisyLayer, find_layers, flat_blocks, local_grads
+from gradkit.likelihood_ratio.noise import SAMPLERS, draw_noise
 
-__all__ = ["LRConfig", "LREstimator", "per_sample_loss", "BASELINES", "INJECTIONS"]
+__all__ = [
+    "LikelihoodRatioConfig", "LikelihoodRatioEstimator", "per_sample_loss", "BASELINES", "INJECTIONS"
+]
 
 BASELINES = ("clean", "antithetic", "none")
 INJECTIONS = ("logit", "weight")
@@ -37,7 +40,7 @@ LossFn = Callable[..., torch.Tensor]
 
 
 @dataclass
-class LRConfig:
+class LikelihoodRatioConfig:
     """Options of the estimate (the ``ulr`` method's ``-o KEY=VALUE`` options)."""
 
     copies: int | Sequence[int] = 64
@@ -135,7 +138,7 @@ class _Pass:
     layer_outputs: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
-class LREstimator:
+class LikelihoodRatioEstimator:
     """Fills ``.grad`` of every trainable parameter of ``stages`` with the ULR estimate.
 
     Args:
@@ -144,12 +147,14 @@ class LREstimator:
         config: the estimate's options.
     """
 
-    def __init__(self, stages: Sequence[nn.Module], loss_fn: LossFn, config: LRConfig) -> None:
+    def __init__(
+        self, stages: Sequence[nn.Module], loss_fn: LossFn, config: LikelihoodRatioConfig
+    ) -> None:
         config.validate()
         self.config = config
         self.loss_fn = loss_fn
         self.blocks, self.block_names, _ = flat_blocks(stages)
-        self.layers: list[LRLayer] = find_layers(stages)
+        self.layers: list[NoisyLayer] = find_layers(stages)
         if not self.layers:
             raise ConfigError("ulr found no trainable parameters in the model")
         names = [layer.name for layer in self.layers]
@@ -231,7 +236,7 @@ class LREstimator:
         per-step layers record) stay within the memory budget."""
         per_copy = 16 * sum(ref.block_numel[start_block:])
         per_copy += 4 * sum(
-            int(getattr(layer.module, "lr_record_numel", 0)) for layer in self.layers
+            int(getattr(layer.module, "noise_record_numel", 0)) for layer in self.layers
             if layer.stepwise and layer.block >= start_block
         )
         chunk = max(1, int(self.config.memory_budget_mb * 2**20 // max(per_copy, 1)))
@@ -291,8 +296,8 @@ class LREstimator:
                     handles.append(layer.module.register_forward_hook(_weight_noise(layer, rec, copies, cfg)))
                 elif layer.stepwise:
                     mod: Any = layer.module
-                    mod.lr_sigma = layer.sigma
-                    mod.lr_noise = _step_noise(copies, cfg)
+                    mod.noise_sigma = layer.sigma
+                    mod.step_noise = _step_noise(copies, cfg)
                     stepwise.append(mod)
                 else:
                     handles.append(layer.module.register_forward_hook(_logit_noise(layer, rec, copies, cfg, batch)))
@@ -301,7 +306,7 @@ class LREstimator:
             for handle in handles:
                 handle.remove()
             for mod in stepwise:
-                mod.lr_noise = None
+                mod.step_noise = None
             for module in reused:
                 del module.forward
 
@@ -328,8 +333,8 @@ class LREstimator:
             return
         if layer.stepwise:
             mod: Any = layer.module
-            g, ls = mod.lr_grads(w.reshape(-1))
-            mod.lr_clear()
+            g, ls = mod.noise_grads(w.reshape(-1))
+            mod.clear_noise()
             for name, t in g.items():
                 acc.add(name, t)
             acc.log_sigma += float(ls)
@@ -429,7 +434,9 @@ def _capture(store: dict[int, torch.Tensor], i: int):  # noqa: ANN202
     return hook
 
 
-def _logit_noise(layer: LRLayer, rec: _Record, copies: int, cfg: LRConfig, batch: int):  # noqa: ANN202
+def _logit_noise(  # noqa: ANN202
+    layer: NoisyLayer, rec: _Record, copies: int, cfg: LikelihoodRatioConfig, batch: int
+):
     antithetic = cfg.baseline == "antithetic"
 
     def hook(module: nn.Module, inputs: tuple[Any, ...], out: Any) -> torch.Tensor:
@@ -462,7 +469,7 @@ def _logit_noise(layer: LRLayer, rec: _Record, copies: int, cfg: LRConfig, batch
     return hook
 
 
-def _step_noise(copies: int, cfg: LRConfig):  # noqa: ANN202
+def _step_noise(copies: int, cfg: LikelihoodRatioConfig):  # noqa: ANN202
     antithetic = cfg.baseline == "antithetic"
 
     def noise(shape: tuple[int, ...]) -> torch.Tensor:
@@ -473,7 +480,9 @@ def _step_noise(copies: int, cfg: LRConfig):  # noqa: ANN202
     return noise
 
 
-def _weight_noise(layer: LRLayer, rec: _Record, copies: int, cfg: LRConfig):  # noqa: ANN202
+def _weight_noise(  # noqa: ANN202
+    layer: NoisyLayer, rec: _Record, copies: int, cfg: LikelihoodRatioConfig
+):
     from torch.func import functional_call, vmap
 
     antithetic = cfg.baseline == "antithetic"

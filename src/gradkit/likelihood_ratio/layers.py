@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn.grad import conv2d_weight
 
-__all__ = ["LRLayer", "StepNoiseLayer", "find_layers", "local_grads", "flat_blocks"]
+__all__ = ["NoisyLayer", "StepNoiseLayer", "find_layers", "local_grads", "flat_blocks"]
 
 Grads = dict[str, torch.Tensor]
 
@@ -34,26 +34,26 @@ Grads = dict[str, torch.Tensor]
 class StepNoiseLayer(Protocol):
     """A layer that adds noise inside its own forward (e.g. at every time step of a recurrence).
 
-    The engine sets ``lr_noise`` to a function ``(shape) -> ε`` (standard normal, for the rows of the
-    current forward) and ``lr_sigma``; the layer adds ``σ·ε`` where the noise belongs, records what its
-    estimator needs, and :meth:`lr_grads` returns ``Σ_rows coef · J_Wᵀ ε`` for per-row coefficients
-    ``coef = L - b`` (the engine divides by σ, copies and batch).
+    The engine sets ``step_noise`` to a function ``(shape) -> ε`` (standard normal, for the rows of the
+    current forward) and ``noise_sigma``; the layer adds ``σ·ε`` where the noise belongs, records what
+    its estimator needs, and :meth:`noise_grads` returns ``Σ_rows coef · J_Wᵀ ε`` for per-row
+    coefficients ``coef = L - b`` (the engine divides by σ, copies and batch).
     """
 
-    lr_noise: Callable[[tuple[int, ...]], torch.Tensor] | None
-    lr_sigma: float
+    step_noise: Callable[[tuple[int, ...]], torch.Tensor] | None
+    noise_sigma: float
 
-    def lr_grads(self, coef: torch.Tensor) -> tuple[Grads, torch.Tensor]:
+    def noise_grads(self, coef: torch.Tensor) -> tuple[Grads, torch.Tensor]:
         """Unscaled sums by parameter name, and ``Σ coef·(ε² - 1)`` (for the log-σ gradient)."""
         ...
 
-    def lr_clear(self) -> None:
+    def clear_noise(self) -> None:
         """Forget recorded steps and stop injecting noise."""
         ...
 
 
 @dataclass
-class LRLayer:
+class NoisyLayer:
     """One layer with its own noise: where it sits and how much noise and how many copies it gets."""
 
     name: str
@@ -88,13 +88,13 @@ def flat_blocks(stages: Sequence[nn.Module]) -> tuple[list[nn.Module], list[str]
     return blocks, names, owner
 
 
-def find_layers(stages: Sequence[nn.Module]) -> list[LRLayer]:
-    """Every module that owns trainable parameters, in forward order, as an :class:`LRLayer`.
+def find_layers(stages: Sequence[nn.Module]) -> list[NoisyLayer]:
+    """Every module that owns trainable parameters, in forward order, as a :class:`NoisyLayer`.
 
     σ and copies are placeholders here; the engine assigns them.
     """
     blocks, names, _ = flat_blocks(stages)
-    layers: list[LRLayer] = []
+    layers: list[NoisyLayer] = []
     seen: set[int] = set()
     for k, (block, bname) in enumerate(zip(blocks, names, strict=True)):
         skip_under: list[str] = []
@@ -111,14 +111,14 @@ def find_layers(stages: Sequence[nn.Module]) -> list[LRLayer]:
             if not owned:
                 continue
             seen.update(id(p) for p in owned)
-            shared = bool(getattr(module, "lr_shared_output", False))
-            layers.append(LRLayer(full, module, k, sigma=0.0, copies=0, shared=shared))
+            shared = bool(getattr(module, "output_shared_by_batch", False))
+            layers.append(NoisyLayer(full, module, k, sigma=0.0, copies=0, shared=shared))
     return layers
 
 
 def local_grads(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Grads:
     """``J_W(x)ᵀ g`` for the module's own trainable parameters (no recursion into children)."""
-    if type(module) is nn.Linear or getattr(module, "lr_linear", False):
+    if type(module) is nn.Linear or getattr(module, "estimate_as_linear", False):
         return _linear(module, x, g)  # type: ignore[arg-type]
     if type(module) is nn.Conv2d and module.padding_mode == "zeros":
         return _conv2d(module, x, g)
