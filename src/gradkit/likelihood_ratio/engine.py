@@ -29,6 +29,7 @@ from torch.utils.hooks import RemovableHandle
 from gradkit.errors import ConfigError
 from gradkit.likelihood_ratio.layers import NoisyLayer, find_layers, flat_blocks, local_grads
 from gradkit.likelihood_ratio.noise import SAMPLERS, draw_noise
+from gradkit.models._layers import has_eval_modules
 
 __all__ = [
     "LikelihoodRatioConfig", "LikelihoodRatioEstimator", "per_sample_loss", "BASELINES", "INJECTIONS"
@@ -166,9 +167,7 @@ class LikelihoodRatioEstimator:
         for layer, c, s in zip(self.layers, copies, sigmas, strict=True):
             layer.copies, layer.sigma = c, s
             self.state.append(_LayerState(math.log(s), math.log(s)))
-        self.has_eval_modules = any(
-            isinstance(m, nn.modules.batchnorm._BatchNorm | nn.Dropout) for b in self.blocks for m in b.modules()
-        )
+        self.has_eval_modules = has_eval_modules(self.blocks)
         self.forward_passes = 0.0
         """Sample-forwards of the last step, in units of one full forward of the batch (for reports)."""
 

@@ -22,6 +22,7 @@ from torch import nn
 from gradkit.errors import ConfigError
 from gradkit.likelihood_ratio.engine import LossFn, per_layer, per_sample_loss, repeat_copies
 from gradkit.likelihood_ratio.noise import draw_noise
+from gradkit.models._layers import has_eval_modules
 
 __all__ = ["HybridEstimator"]
 
@@ -64,9 +65,7 @@ class HybridEstimator:
         self.baseline, self.sampler, self.budget = baseline, sampler, memory_budget_mb
         if baseline == "antithetic" and any(c % 2 for c in self.copies):
             raise ConfigError(f"baseline=antithetic needs an even number of copies, got copies={copies}")
-        self.has_eval_modules = any(
-            isinstance(m, nn.modules.batchnorm._BatchNorm | nn.Dropout) for s in self.stages for m in s.modules()
-        )
+        self.has_eval_modules = has_eval_modules(self.stages)
         self.forward_passes = 0.0
 
     def estimate(self, x: torch.Tensor, y: torch.Tensor) -> float:

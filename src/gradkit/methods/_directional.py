@@ -13,7 +13,7 @@ from gradkit.errors import ConfigError
 from gradkit.methods._base import LossFn, Method
 from gradkit.optim import OptimizerFactory
 
-__all__ = ["DirectionalEstimator", "eval_mode_after_clean_pass", "has_eval_modules"]
+__all__ = ["DirectionalEstimator", "eval_mode_after_clean_pass"]
 
 
 class DirectionalEstimator(Method):
@@ -50,11 +50,6 @@ class DirectionalEstimator(Method):
         loss = self.estimate(x, y)
         self._optimizer.step()
         return loss
-
-
-def has_eval_modules(method: Method) -> bool:
-    """Whether the model has BatchNorm or Dropout (whose train and eval modes differ)."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm | nn.Dropout) for s in method.stages for m in s.modules())
 
 
 @contextmanager

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from torch import nn
 
@@ -15,7 +15,15 @@ __all__ = [
     "conv_bn_relu",
     "init_kaiming",
     "pooled_size",
+    "has_eval_modules",
 ]
+
+
+def has_eval_modules(modules: Iterable[nn.Module]) -> bool:
+    """Whether any of ``modules`` (or their children) is a BatchNorm or Dropout, whose training and
+    evaluation modes compute different things."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm | nn.Dropout)
+               for module in modules for m in module.modules())
 
 
 def image_shape(model: str, input_shape: Sequence[int]) -> tuple[int, int, int]:
