@@ -11,12 +11,16 @@ Example:
     >>> loss = method.step(x, y)
 """
 
+from typing import TYPE_CHECKING, Any
+
 from gradkit import data, memory, methods, models
 from gradkit.config import TrainConfig
 from gradkit.errors import ConfigError, DataError, GradkitError, TrainingDiverged
-from gradkit.loop import RunInterrupted, RunResult, evaluate, train
 from gradkit.models import build_model
 from gradkit.stages import split
+
+if TYPE_CHECKING:
+    from gradkit.loop import RunInterrupted, RunResult, evaluate, train
 
 __version__ = "0.1.0"
 
@@ -38,3 +42,15 @@ __all__ = [
     "split",
     "train",
 ]
+
+_FROM_LOOP = ("RunInterrupted", "RunResult", "evaluate", "train")
+
+
+def __getattr__(name: str) -> Any:
+    # The training loop (and through it the distributed runner) loads on first use, so that importing
+    # a part of gradkit (gradkit.stages, gradkit.methods, ...) does not import the runner.
+    if name in _FROM_LOOP:
+        from gradkit import loop
+
+        return getattr(loop, name)
+    raise AttributeError(f"module 'gradkit' has no attribute {name!r}")

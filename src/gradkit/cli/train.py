@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 from gradkit.cli._parser import add_training_args, config_from_args
@@ -46,9 +47,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.stages == "auto":
-        from gradkit.distributed.auto import resolve_auto_stages
+        from gradkit.stages import resolve_auto_stages
 
-        config = resolve_auto_stages(config_from_args(args, stages=1), args.workers)
+        config = config_from_args(args, stages=1)
+        # On --resume, the configuration saved in the run folder keeps the K and split chosen then.
+        saved_file = config.out_path / "config.json" if config.out_path is not None else None
+        saved = None
+        if config.resume and saved_file is not None and saved_file.is_file():
+            saved = json.loads(saved_file.read_text())
+        config = resolve_auto_stages(config, args.workers, saved)
     else:
         config = config_from_args(args)
     result = train(config)

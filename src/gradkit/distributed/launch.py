@@ -25,8 +25,9 @@ import torch.distributed as dist
 from gradkit.config import TrainConfig
 from gradkit.distributed import shards, shm
 from gradkit.distributed.context import AGENT_STORE_ENV, RUN_ID_ENV
-from gradkit.distributed.run import check_config, default_threads
+from gradkit.distributed.run import check_config
 from gradkit.errors import ConfigError
+from gradkit.stages import default_threads
 
 __all__ = ["GRACE_S", "launch"]
 

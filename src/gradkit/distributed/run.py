@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import signal
 import threading
 import time
@@ -57,7 +56,7 @@ from gradkit.loop import (
 from gradkit.methods import PipelineMethod
 from gradkit.methods.synchronous import SynchronousPipeline
 from gradkit.models import build_model
-from gradkit.stages import check_stage_sizes, split
+from gradkit.stages import check_stage_sizes, default_threads, split
 
 __all__ = ["PIPELINED_METHODS", "train_worker", "default_threads"]
 
@@ -69,15 +68,6 @@ PIPELINED_METHODS = ("fr", "ddg", "dni", "bp")
 _STOP_REQUESTED = "gradkit/stop_requested"
 _STOP_AT = "gradkit/stop_at"
 _REPEAT_S = 3.0
-
-
-def default_threads(local_world_size: int) -> int:
-    """Torch threads per rank when ``--threads`` is not given: this machine's cores / its ranks."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // max(1, local_world_size))
 
 
 def check_config(config: TrainConfig, world_size: int) -> None:
