@@ -11,10 +11,10 @@ from typing import Any
 
 from gradkit.errors import ConfigError
 from gradkit.optim import LR_SCHEDULES, OPTIMIZERS, LRSchedule, OptimizerConfig
+from gradkit.stages import BALANCES
 
 __all__ = ["TrainConfig", "BALANCES"]
 
-BALANCES = ("time", "params", "count")
 # Mirrors gradkit.compress.MODES (a test keeps them equal) without importing torch code here.
 ACTIVATION_MODES = ("exact", "blpa8", "blpa4", "int8", "int4", "int2", "naive8")
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from gradkit.methods import METHODS, PipelineMethod
-from gradkit.pipeline import ACTIVATION, LABEL, DATA, Action, Op, PipelineStage, Schedule
+from gradkit.pipeline import ACTIVATION, DATA, LABEL, Action, Op, PipelineStage, Schedule
 
 
 class ProbeSchedule(Schedule):

@@ -1,4 +1,4 @@
-"""gradkit.distributed.cost_model: hand-computed predictions, exact balancing, choosing K, profiling."""
+"""gradkit.stages.cost_model: hand-computed predictions, exact balancing, choosing K."""
 
 from __future__ import annotations
 
@@ -7,23 +7,18 @@ import math
 import random
 
 import pytest
-import torch
-from torch import nn
 
-from gradkit.distributed.cost_model import (
-    METHODS,
-    BlockCost,
+from gradkit.errors import ConfigError
+from gradkit.methods import PipelineMethod, stage_parallel_class, stage_parallel_names
+from gradkit.stages import BlockCost, partition
+from gradkit.stages.cost_model import (
     backprop_seconds,
     balanced_sizes,
     choose_stages,
     predict_speedups,
     predict_stages,
     predict_step_seconds,
-    profile_block_costs,
 )
-from gradkit.errors import ConfigError
-from gradkit.models import build_model
-from gradkit.stages import partition
 
 FREE = {"bandwidth_bytes_per_s": math.inf, "latency_s": 0.0}
 
@@ -212,8 +207,14 @@ def test_predict_speedups_for_k_devices() -> None:
 
 def test_bad_arguments_raise_config_error() -> None:
     costs = uniform(4)
-    with pytest.raises(ConfigError, match="use one of: fr, ddg, dni, bp"):
+    with pytest.raises(
+        ConfigError, match="unknown method 'gpipe' for the cost model; use one of: bp, ddg, fr, dni$"
+    ):
         predict_step_seconds("gpipe", costs, [2, 2])
+    with pytest.raises(
+        ConfigError, match="no stage-parallel form of method 'ulr' for the cost model; use one of: bp,"
+    ):
+        balanced_sizes(costs, 2, "ulr")
     with pytest.raises(ConfigError, match="sum to the 4 blocks"):
         predict_step_seconds("fr", costs, [2, 1])
     with pytest.raises(ConfigError, match="cannot split 4 blocks into 5"):
@@ -226,51 +227,45 @@ def test_bad_arguments_raise_config_error() -> None:
         choose_stages(costs, 2, "fr", single_process_s=0.0)
     with pytest.raises(ConfigError, match="bandwidth"):
         predict_step_seconds("fr", costs, [4], bandwidth_bytes_per_s=0.0)
-    with pytest.raises(ConfigError, match="threads"):
-        profile_block_costs(nn.Sequential(nn.Linear(2, 2)), torch.randn(1, 2), threads=0)
-    assert set(METHODS) == {"fr", "ddg", "dni", "bp"}
+    assert set(stage_parallel_names()) == {"fr", "ddg", "dni", "bp"}
 
 
-# --- profiling ---------------------------------------------------------------------------------
+# --- method knowledge comes from the methods ---------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("name", "shape"), [("resnet20", (3, 32, 32)), ("mlp", (1, 8, 8))], ids=["resnet20", "mlp"]
-)
-def test_profile_block_costs_leaves_the_model_and_threads_alone(
-    name: str, shape: tuple[int, ...]
-) -> None:
-    torch.manual_seed(0)
-    model = build_model(name, shape, 10)
-    params = {k: v.detach().clone() for k, v in model.named_parameters()}
-    buffers = {k: v.clone() for k, v in model.named_buffers()}
-    threads = torch.get_num_threads()
-    sample = torch.randn(4, *shape)
+def test_a_new_method_is_predicted_from_its_own_class(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A registered stage-parallel method needs no entry in the cost model: its class answers."""
+    import gradkit.stages.cost_model as cost_model
 
-    costs = profile_block_costs(model, sample, threads=1, repeats=2)
+    class Triple(PipelineMethod):
+        @classmethod
+        def block_seconds(cls, forward_s: float, backward_s: float, *, last: bool,
+                          synthesizer_fraction: float = 0.0) -> float:
+            return forward_s + backward_s if last else 3 * forward_s + backward_s
 
-    assert torch.get_num_threads() == threads
-    assert all(torch.equal(v, params[k]) for k, v in model.named_parameters())
-    assert all(torch.equal(v, buffers[k]) for k, v in model.named_buffers())
-    assert all(p.grad is None for p in model.parameters())
-    assert len(costs) == len(model)
-    assert all(c.forward_s > 0 and c.backward_s > 0 for c in costs)  # every block has weights
-    x = sample
-    with torch.no_grad():
-        for block, cost in zip(model, costs, strict=True):
-            x = block(x)
-            assert cost.output_bytes == x.numel() * x.element_size()
-    assert backprop_seconds(costs) > 0
+    class Locked(PipelineMethod):
+        backward_locked = True
+
+    classes = {"triple": Triple, "locked": Locked}
+    monkeypatch.setattr(cost_model, "stage_parallel_names", lambda: [*classes, "fr"])
+    real = stage_parallel_class
+    monkeypatch.setattr(cost_model, "stage_parallel_class", lambda n: classes.get(n) or real(n))
+    costs = uniform(4)  # F=1, B=2
+    stages = predict_stages("triple", costs, [2, 2], **FREE)
+    assert [s.compute_s for s in stages] == [10.0, 6.0]  # 2 x (3F+B) | 2 x (F+B)
+    assert predict_step_seconds("triple", costs, [2, 2], **FREE) == 10.0  # slowest stage
+    assert predict_step_seconds("locked", costs, [2, 2], **FREE) == 12.0  # sum of the stages
+    costs = [BlockCost(1, 1, 9), BlockCost(1, 1, 1), BlockCost(1, 1, 9)]
+    assert balanced_sizes(costs, 2, "locked") == [2, 1]  # fewest bytes, not the fastest stage
+    assert balanced_sizes(costs, 2, "triple", **FREE) == [1, 2]
 
 
-def test_profile_block_costs_restores_threads_after_an_error() -> None:
-    class TupleOut(nn.Module):
-        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return x, x
-
-    threads = torch.get_num_threads()
-    with pytest.raises(ConfigError, match="not a tensor"):
-        profile_block_costs(
-            nn.Sequential(nn.Linear(4, 4), TupleOut()), torch.randn(2, 4), threads=1
-        )
-    assert torch.get_num_threads() == threads
+def test_the_shipped_methods_answer_as_the_paper_says() -> None:
+    fr, ddg, dni, bp = (stage_parallel_class(n) for n in ("fr", "ddg", "dni", "bp"))
+    assert fr is not None and ddg is not None and dni is not None and bp is not None
+    assert fr.block_seconds(1.0, 2.0, last=False) == 4.0 and fr.block_seconds(1.0, 2.0, last=True) == 3.0
+    assert ddg.block_seconds(1.0, 2.0, last=False) == 3.0
+    assert dni.block_seconds(1.0, 2.0, last=False, synthesizer_fraction=0.5) == 4.5
+    assert dni.block_seconds(1.0, 2.0, last=True, synthesizer_fraction=0.5) == 3.0
+    assert [c.backward_locked for c in (fr, ddg, dni, bp)] == [False, False, False, True]
+    assert stage_parallel_class("ulr") is None

@@ -1,10 +1,10 @@
-"""gradkit.stages: split shares modules, preserves the computation, and balances sensibly."""
+"""gradkit.stages.split: split shares modules, preserves the computation, and balances sensibly."""
 
 from __future__ import annotations
 
 import itertools
-import random
 from collections import OrderedDict
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +12,15 @@ from torch import nn
 
 from gradkit.errors import ConfigError
 from gradkit.models import build_model
-from gradkit.stages import partition, profile_blocks, split
+from gradkit.stages import (
+    BlockCost,
+    balanced_sizes,
+    check_stage_sizes,
+    choose_sizes,
+    partition,
+    profile_blocks,
+    split,
+)
 
 
 @pytest.fixture
@@ -129,62 +137,6 @@ def test_split_needs_sequential() -> None:
         split(nn.Linear(2, 2), 1, balance="count")  # type: ignore[arg-type]
 
 
-def test_partition_errors() -> None:
-    with pytest.raises(ConfigError, match="cannot split 2 blocks into 3 stages"):
-        partition([1.0, 2.0], 3)
-    with pytest.raises(ConfigError, match="finite and >= 0"):
-        partition([1.0, -2.0], 1)
-    with pytest.raises(ConfigError, match="finite and >= 0"):
-        partition([1.0, float("nan")], 1)
-
-
-# --- partition ---------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("costs", "k", "sizes"),
-    [
-        ([1, 1, 1, 10], 2, [3, 1]),
-        ([10, 1, 1, 1], 2, [1, 3]),
-        ([1, 1, 1, 1], 2, [2, 2]),
-        ([1] * 7, 3, [3, 2, 2]),  # as even as possible, earlier stages take the remainder
-        ([1] * 5, 5, [1] * 5),
-        ([3, 1, 4, 1, 5], 1, [5]),
-        ([0, 0, 0], 2, [2, 1]),
-        ([1, 2, 3, 4, 5, 6, 7, 8, 9], 3, [5, 2, 2]),  # 15 | 13 | 17: max 17 is optimal
-    ],
-)
-def test_partition_examples(costs: list[float], k: int, sizes: list[int]) -> None:
-    assert partition(costs, k) == sizes
-
-
-def _brute_force_max(costs: list[float], k: int) -> float:
-    n, best = len(costs), float("inf")
-    for cuts in itertools.combinations(range(1, n), k - 1):
-        bounds = (0, *cuts, n)
-        best = min(best, max(sum(costs[a:b]) for a, b in itertools.pairwise(bounds)))
-    return best
-
-
-def test_partition_is_optimal_against_brute_force() -> None:
-    rng = random.Random(0)
-    for _ in range(200):
-        n = rng.randint(1, 9)
-        k = rng.randint(1, n)
-        costs = [float(rng.randint(0, 20)) for _ in range(n)]
-        sizes = partition(costs, k)
-        assert len(sizes) == k and all(s >= 1 for s in sizes) and sum(sizes) == n
-        bounds = list(itertools.accumulate([0, *sizes]))
-        worst = max(sum(costs[a:b]) for a, b in itertools.pairwise(bounds))
-        assert worst == _brute_force_max(costs, k), (costs, k, sizes)
-
-
-def test_partition_is_fast_enough_for_deep_models() -> None:
-    # resnet164 has 83 blocks; the O(k n^2) programme must stay well under a second.
-    sizes = partition([float(i % 7 + 1) for i in range(83)], 8)
-    assert sum(sizes) == 83 and len(sizes) == 8
-
-
 # --- balancing ---------------------------------------------------------------------------------
 
 
@@ -230,52 +182,11 @@ def test_time_balance_isolates_the_slow_block(heavy_at: int, sizes: list[int]) -
     blocks.insert(heavy_at, Heavy())
     model = nn.Sequential(*blocks)
     sample = torch.randn(256, 32)
-    times = profile_blocks(model, sample)
+    times = [c.total_s for c in profile_blocks(model, sample)]
     assert len(times) == 4 and all(t > 0 for t in times)
     light = max(t for i, t in enumerate(times) if i != heavy_at)
     assert times[heavy_at] > 5 * light
     assert [len(s) for s in split(model, 2, balance="time", sample=sample)] == sizes
-
-
-def test_backward_is_timed_even_under_no_grad(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
-    real_grad = torch.autograd.grad
-
-    def counting_grad(*args, **kwargs):
-        calls.append(1)
-        return real_grad(*args, **kwargs)
-
-    monkeypatch.setattr(torch.autograd, "grad", counting_grad)
-    model = linear_chain([8, 8, 8, 8])
-    with torch.no_grad():
-        profile_blocks(model, torch.randn(4, 8), repeats=2)
-    assert len(calls) == 3 * (2 + 1)  # 3 blocks x (2 timed + 1 warm-up) backward passes
-
-
-def test_time_profiling_leaves_the_model_as_it_was(resnet: nn.Sequential) -> None:
-    resnet.eval()
-    resnet.stage2_block1.train()  # a mixed mode must come back as it was, too
-    buffers = {k: v.clone() for k, v in resnet.named_buffers()}
-    params = {k: v.detach().clone() for k, v in resnet.named_parameters()}
-    kept_grad = torch.full_like(resnet.head.fc.weight, 7.0)
-    resnet.head.fc.weight.grad = kept_grad
-    modes = {n: m.training for n, m in resnet.named_modules()}
-    sample = torch.randn(8, 3, 32, 32)
-    rng = torch.get_rng_state()
-
-    times = profile_blocks(resnet, sample, repeats=2)
-
-    assert len(times) == len(resnet) and all(t > 0 for t in times)
-    for k, v in resnet.named_buffers():
-        assert torch.equal(v, buffers[k]), f"buffer {k} changed"
-    for k, p in resnet.named_parameters():
-        assert torch.equal(p, params[k])
-        if p is resnet.head.fc.weight:
-            assert p.grad is kept_grad and torch.equal(p.grad, torch.full_like(p, 7.0))
-        else:
-            assert p.grad is None, f"{k} got a .grad"
-    assert {n: m.training for n, m in resnet.named_modules()} == modes
-    assert torch.equal(torch.get_rng_state(), rng)
 
 
 def test_time_balance_on_resnet(resnet: nn.Sequential) -> None:
@@ -285,88 +196,18 @@ def test_time_balance_on_resnet(resnet: nn.Sequential) -> None:
     assert all(torch.equal(v, before[k]) for k, v in resnet.named_buffers())
 
 
-class TupleOut(nn.Module):
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return x, x
-
-
-def test_profiling_a_tuple_block_raises_and_restores() -> None:
-    model = nn.Sequential(nn.BatchNorm1d(4), TupleOut())
-    before = model[0].running_mean.clone()
-    with pytest.raises(ConfigError, match="balance='params'"):
-        profile_blocks(model, torch.randn(8, 4) + 3)
-    assert torch.equal(model[0].running_mean, before)
-    assert int(model[0].num_batches_tracked) == 0
-
-
-# --- partition with a separate last group and cut costs; split(method=...) ----------------------
-
-
-def test_partition_without_the_new_terms_is_unchanged() -> None:
-    rng = random.Random(3)
-    for _ in range(100):
-        n = rng.randint(1, 9)
-        k = rng.randint(1, n)
-        costs = [rng.random() * 10 for _ in range(n)]
-        plain = partition(costs, k)
-        assert partition(costs, k, last_costs=None, cut_costs=None) == plain
-        assert partition(costs, k, last_costs=costs) == plain
-        assert partition(costs, k, cut_costs=[0.0] * (n - 1)) == plain
-
-
-def _brute_force_general(costs: list[float], last: list[float], cuts: list[float], k: int) -> float:
-    n, best = len(costs), float("inf")
-    for chosen in itertools.combinations(range(1, n), k - 1):
-        bounds = (0, *chosen, n)
-        worst = 0.0
-        for a, b in itertools.pairwise(bounds):
-            c = sum((last if b == n else costs)[a:b])
-            c += (cuts[a - 1] if a > 0 else 0.0) + (cuts[b - 1] if b < n else 0.0)
-            worst = max(worst, c)
-        best = min(best, worst)
-    return best
-
-
-def test_partition_with_last_and_cut_costs_is_optimal_against_brute_force() -> None:
-    rng = random.Random(4)
-    for _ in range(200):
-        n = rng.randint(1, 8)
-        k = rng.randint(1, n)
-        costs = [float(rng.randint(0, 20)) for _ in range(n)]  # integers: exact sums
-        last = [float(rng.randint(0, 20)) for _ in range(n)]
-        cuts = [float(rng.randint(0, 6)) for _ in range(n - 1)]
-        sizes = partition(costs, k, last_costs=last, cut_costs=cuts)
-        assert len(sizes) == k and min(sizes) >= 1 and sum(sizes) == n
-        bounds = list(itertools.accumulate([0, *sizes]))
-        worst = max(
-            sum((last if b == n else costs)[a:b])
-            + (cuts[a - 1] if a > 0 else 0.0)
-            + (cuts[b - 1] if b < n else 0.0)
-            for a, b in itertools.pairwise(bounds)
-        )
-        assert worst == _brute_force_general(costs, last, cuts, k), (costs, last, cuts, k)
-
-
-def test_partition_checks_the_new_cost_lists() -> None:
-    with pytest.raises(ConfigError, match="last_costs has 1 entries, need 2"):
-        partition([1.0, 2.0], 1, last_costs=[1.0])
-    with pytest.raises(ConfigError, match="cut_costs has 2 entries, need 1"):
-        partition([1.0, 2.0], 1, cut_costs=[1.0, 1.0])
-    with pytest.raises(ConfigError, match="cut_costs must be finite and >= 0"):
-        partition([1.0, 2.0], 2, cut_costs=[-1.0])
+# --- split(method=...) -------------------------------------------------------------------------
 
 
 def _fake_measure(monkeypatch: pytest.MonkeyPatch, parts: list[tuple[float, float, int]]) -> None:
-    """Deterministic block timings for both profilers (they share ``measure_blocks``)."""
-    import gradkit.distributed.cost_model as cost_model
-    import gradkit.stages as stages_module
+    """Deterministic block timings for every caller of the one profiler."""
+    import gradkit.stages.profile as profile_module
 
-    def fake(model: nn.Sequential, sample: torch.Tensor, repeats: int = 3) -> list:
+    def fake(model: nn.Sequential, sample: torch.Tensor, repeats: int) -> list[BlockCost]:
         assert len(parts) == len(model)
-        return list(parts)
+        return [BlockCost(*p) for p in parts]
 
-    monkeypatch.setattr(stages_module, "measure_blocks", fake)
-    monkeypatch.setattr(cost_model, "measure_blocks", fake)
+    monkeypatch.setattr(profile_module, "_measure_blocks", fake)
 
 
 def test_split_method_none_is_todays_split(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -382,23 +223,87 @@ def test_split_method_none_is_todays_split(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_split_method_fr_pays_the_replay_forward(monkeypatch: pytest.MonkeyPatch) -> None:
-    from gradkit.distributed.cost_model import balanced_sizes, profile_block_costs
-
     model = linear_chain([4] * 11)
     sample = torch.randn(2, 4)
     # 2 s forward, 2 s backward, tiny messages: FR's early stage costs 6 s a block, the last 4 s.
     _fake_measure(monkeypatch, [(2.0, 2.0, 16)] * 10)
     sizes = [len(s) for s in split(model, 2, sample=sample, method="fr")]
     assert sizes == [4, 6]
-    assert sizes == balanced_sizes(profile_block_costs(model, sample), 2, "fr")
+    assert sizes == balanced_sizes(profile_blocks(model, sample), 2, "fr")
     assert [len(s) for s in split(model, 2, sample=sample, method="ddg")] == [5, 5]
 
 
 def test_split_method_errors() -> None:
     model = linear_chain([4, 4, 4, 4])
-    with pytest.raises(ConfigError, match="use one of: fr, ddg, dni, bp"):
+    with pytest.raises(ConfigError, match="unknown method 'gpipe' for the cost model; use one of: bp, ddg, fr, dni"):
         split(model, 2, sample=torch.randn(2, 4), method="gpipe")
     with pytest.raises(ConfigError, match="needs balance='time'"):
         split(model, 2, balance="count", method="fr")
     with pytest.raises(ConfigError, match="pass sample="):
         split(model, 2, method="fr")
+
+
+# --- choose_sizes: the split a training run uses ------------------------------------------------
+
+
+def _choose(model: nn.Sequential, **overrides: object) -> list[int]:
+    options: dict = {
+        "stages": 2,
+        "balance": "count",
+        "stage_sizes": None,
+        "sample": None,
+        "method": None,
+        "model_name": "chain",
+        **overrides,
+    }
+    return choose_sizes(model, **options)
+
+
+def test_choose_sizes_follows_the_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = linear_chain([4] * 11)
+    assert _choose(model, stages=1) == [10]
+    assert _choose(model, stages=1, balance="time") == [10]  # one stage: nothing to profile
+    assert _choose(model, stages=3) == [4, 3, 3]
+    assert _choose(model, stages=3, stage_sizes=(1, 2, 7)) == [1, 2, 7]
+    assert _choose(model, stages=2, balance="params", method="fr") == [5, 5]  # method needs time
+    sample = torch.randn(2, 4)
+    _fake_measure(monkeypatch, [(2.0, 2.0, 16)] * 10)
+    assert _choose(model, balance="time", sample=sample) == [5, 5]
+    assert _choose(model, balance="time", sample=sample, method="fr") == [4, 6]
+    assert _choose(model, balance="time", sample=sample, method="ddg") == [5, 5]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"stages": 11},
+            "--stages 11 is more than the 10 blocks of chain; use --stages <= 10",
+        ),
+        (
+            {"stages": 2, "stage_sizes": (4, 4)},
+            "--stage-sizes 4,4 adds up to 8 blocks but chain has 10; give block counts that sum to 10",
+        ),
+        ({"balance": "time"}, "pass sample="),
+        ({"balance": "time", "sample": torch.randn(2, 4), "method": "ulr"}, "use one of: bp, "),
+    ],
+)
+def test_choose_sizes_errors_are_one_line(overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        _choose(linear_chain([4] * 11), **overrides)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_check_stage_sizes_reads_the_config() -> None:
+    config = SimpleNamespace(stage_sizes=(3, 1), model="mlp")
+    assert check_stage_sizes(config, 4) == [3, 1]
+    with pytest.raises(ConfigError, match="--stage-sizes 3,1 adds up to 4 blocks but mlp has 5"):
+        check_stage_sizes(config, 5)
+
+
+def test_balances_are_defined_once() -> None:
+    import gradkit.config
+    import gradkit.stages
+
+    assert gradkit.config.BALANCES is gradkit.stages.BALANCES
+    assert gradkit.stages.BALANCES == ("count", "params", "time")
