@@ -13,21 +13,15 @@ A single-process run imports nothing from :mod:`gradkit.distributed`.
 
 from __future__ import annotations
 
-import os
-
 from gradkit.backend import LocalBackend
 from gradkit.config import TrainConfig
 from gradkit.data import Dataset
 from gradkit.errors import ConfigError, GradkitError, RunInterrupted, WorkerFailed
+from gradkit.launch_env import in_rank_process, launched_world_size
 from gradkit.loop import RunResult, StepCallback, Trainer
 from gradkit.run_folder import RunFolder
 
-__all__ = ["train", "in_rank_process"]
-
-
-def in_rank_process() -> bool:
-    """Whether this process was started as one rank of a multi-process run (torchrun or the launcher)."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+__all__ = ["train"]
 
 
 def train(
@@ -57,7 +51,7 @@ def train(
         RunInterrupted: Ctrl-C or SIGTERM; a checkpoint of the exact position was saved first.
     """
     if in_rank_process():
-        world = int(os.environ["WORLD_SIZE"])
+        world = launched_world_size()
         if config.workers is not None and config.workers != world:
             raise ConfigError(f"--workers {config.workers} but this process is one of {world} ranks; "
                               "leave --workers out under torchrun")

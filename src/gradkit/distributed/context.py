@@ -19,13 +19,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from gradkit.distributed import in_worker_process, shm
+from gradkit.distributed import shm
 from gradkit.distributed.executor import MESSAGE_KINDS
 from gradkit.distributed.shm import SharedMemoryLinks
 from gradkit.distributed.watchdog import Watchdog
 from gradkit.errors import ConfigError
 
-__all__ = ["DistContext", "in_worker_process", "join"]
+__all__ = ["DistContext", "join"]
 
 AGENT_STORE_ENV = "GRADKIT_AGENT_STORE"
 """Set to ``1`` by the launcher: connect to its store as a client instead of ``env://``."""
@@ -120,7 +120,7 @@ def keep_freed_memory() -> bool:
 
 
 def join(device_name: str = "auto", *, timeout_s: float = 600.0) -> DistContext:
-    """Join the run this process was started for (see :func:`in_worker_process`).
+    """Join the run this process was started for (see :func:`gradkit.launch_env.launched_world_size`).
 
     Args:
         device_name: ``cpu``, ``cuda`` (one GPU per local rank), ``cuda:N`` or ``auto``.

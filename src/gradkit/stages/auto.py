@@ -17,6 +17,7 @@ import torch
 
 from gradkit.data import BatchLoader, load_dataset
 from gradkit.errors import ConfigError
+from gradkit.launch_env import launched_world_size
 from gradkit.methods import stage_parallel_class, stage_parallel_names
 from gradkit.models import build_model
 from gradkit.stages.cost_model import AutoChoice, backprop_seconds, choose_stages
@@ -82,7 +83,7 @@ def resolve_auto_stages(config: TrainConfig, workers: int | None,
     if config.resume and saved is not None:
         k, sizes = int(saved["stages"]), tuple(saved["stage_sizes"])
         return replace(config, stages=k, stage_sizes=sizes, workers=k if k > 1 else None)
-    world_size = _launched_world_size()
+    world_size = launched_world_size()
     if world_size is not None:  # torchrun fixed K: choose the split only
         return replace(config, stages=world_size, balance="time")
     choice = plan_stages(config, workers or available_workers())
@@ -90,14 +91,3 @@ def resolve_auto_stages(config: TrainConfig, workers: int | None,
     k = choice.k
     return replace(config, stages=k, stage_sizes=tuple(choice.sizes) if k > 1 else None,
                    workers=k if k > 1 else None)
-
-
-def _launched_world_size() -> int | None:
-    """The run's process count if this is one rank of a multi-process run, else None.
-
-    The same test as :func:`gradkit.distributed.in_worker_process`, read here so that the stages
-    package does not import the distributed runner.
-    """
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return int(os.environ["WORLD_SIZE"])
-    return None
