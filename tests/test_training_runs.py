@@ -17,6 +17,9 @@ from gradkit.cli import main
 from gradkit.data import Dataset
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 def config(out: Path | None, **kw: object) -> TrainConfig:
     base = dict(method="fr", stages=3, balance="count", model="mlp", data="blobs", epochs=3, batch_size=32,
                 lr=0.05, seed=3, progress=False, out=str(out) if out else None)
@@ -123,17 +126,24 @@ def test_compare_gives_each_method_its_own_stage_count(capsys: pytest.CaptureFix
     assert main(["compare", "--methods", "fr:0", "--model", "mlp", "--data", "digits", "--out", str(tmp_path / "x")]) == 2
 
 
+# Final (train loss below, test accuracy at least) after the epochs given; chance is a loss of 2.3
+# and an accuracy of 0.1. Measured: fr 0.015 / 0.953 after 10 epochs; ddg 0.116 / 0.930 and dni 0.264 / 0.905
+# after 3 (losses falling every epoch).
+LEARNS = {"fr": (10, 0.05, 0.93), "ddg": (3, 0.3, 0.90), "dni": (3, 0.5, 0.85)}
+
+
 @pytest.mark.parametrize("method", ["fr", "ddg", "dni"])
 def test_three_stage_mlp_on_digits(method: str, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    """The issue's acceptance run: fr reaches 0.93 in 10 epochs; ddg and dni finish with finite losses."""
-    epochs = 10 if method == "fr" else 3
+    """The acceptance run of the pipelined methods: each learns, well above chance, with K=3."""
+    epochs, max_loss, min_acc = LEARNS[method]
     code = main(["train", "--method", method, "--stages", "3", "--model", "mlp", "--data", "digits",
                  "--epochs", str(epochs), "--no-progress", "--out", str(tmp_path / method)])
     assert code == 0
     history = records(tmp_path / method)
-    assert len(history) == epochs and all(math.isfinite(r["train_loss"]) and r["train_loss"] < 10 for r in history)
-    if method == "fr":
-        assert history[-1]["test_acc"] >= 0.93
+    losses = [r["train_loss"] for r in history]
+    assert len(history) == epochs and all(math.isfinite(v) for v in losses)
+    assert losses[-1] < max_loss and history[-1]["test_acc"] >= min_acc, history[-1]
+    assert losses[-1] < losses[0] / 3
 
 
 def test_compare_reports_a_diverged_method_and_goes_on(tmp_path: Path, blobs: Dataset) -> None:

@@ -216,3 +216,35 @@ def test_stages_auto_prints_its_choice_and_trains_with_it(tmp_path: Path) -> Non
     saved = json.loads((out / "config.json").read_text())
     assert saved["stages"] == chosen and len(saved["stage_sizes"]) == chosen
     assert _history(out)[-1]["samples"] == 600
+
+
+# -- activations with one process per stage ------------------------------------------------------
+def _single_and_workers(tmp_path: Path, extra: list[str]) -> tuple[Path, Path]:
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = ["train", "--method", "fr", "--stages", "2", "--epochs", "2", *COMMON, *extra]
+    assert main(["-q", *args, "--out", str(one)]) == 0
+    done = _gradkit([*args, "--workers", "2", "--out", str(two)])
+    assert done.returncode == 0, done.stderr
+    return one, two
+
+
+def test_deterministic_activations_give_the_same_bits_with_workers(tmp_path: Path) -> None:
+    """blpa8 rounds to nearest, so compression draws no random numbers: one process per stage must
+    compute exactly what one process does, the drain of ``flush()`` (compressed in both) included."""
+    one, two = _single_and_workers(tmp_path, ["--activations", "blpa8"])
+    _assert_same_run(one, two)
+    exact = tmp_path / "exact"
+    assert main(["-q", "train", "--method", "fr", "--stages", "2", "--epochs", "2", *COMMON,
+                 "--out", str(exact)]) == 0
+    assert _history(exact)[-1]["train_loss"] != _history(one)[-1]["train_loss"], "blpa8 compressed nothing"
+
+
+def test_stochastic_activations_with_workers_match_one_process_statistically(tmp_path: Path) -> None:
+    """int4 rounds stochastically from each process's own random stream: the runs differ in the
+    draws, not in what they compute. Tolerance: 2% of the loss per epoch and 3 points of accuracy
+    (measured on this setup: 0.08% of the loss and 0.5 points apart)."""
+    one, two = _single_and_workers(tmp_path, ["--activations", "int4"])
+    for a, b in zip(_history(one), _history(two), strict=True):
+        assert abs(a["train_loss"] - b["train_loss"]) <= 0.02 * a["train_loss"], (a["train_loss"], b["train_loss"])
+        assert abs(a["test_acc"] - b["test_acc"]) <= 0.03
+    assert _history(one)[-1]["train_loss"] < 0.5 * _history(one)[0]["train_loss"]
