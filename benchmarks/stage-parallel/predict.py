@@ -1,7 +1,7 @@
 """Cost model: predicted speed-up of FR / DDG / the synchronous pipeline for K = 2..8 devices.
 
 Profiles every block of a model (forward, backward, output bytes) on one CIFAR-10-sized batch with
-the thread count one worker gets, then predicts, with ``gradkit.distributed.cost_model``, the step time
+the thread count one worker gets, then predicts, with ``gradkit.stages.cost_model``, the step time
 of each method for K = 2..8 devices (each as fast as the profiled one, messages at ``--bandwidth``),
 as a speed-up over single-process backprop on one such device. ``--check`` compares the K=2 prediction
 with the measured samples/s of ``run.py`` (results/results.jsonl, same model, latest session).
@@ -18,16 +18,16 @@ from pathlib import Path
 
 import torch
 
-from gradkit.distributed.cost_model import (
+from gradkit.models import build_model
+from gradkit.stages import profile_blocks
+from gradkit.stages.cost_model import (
     DEFAULT_BANDWIDTH,
     DEFAULT_LATENCY,
     backprop_seconds,
     balanced_sizes,
     predict_speedups,
     predict_step_seconds,
-    profile_block_costs,
 )
-from gradkit.models import build_model
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "results.jsonl"
@@ -69,7 +69,7 @@ def main() -> None:
     for name in args.models.split(","):
         model = build_model(name, (3, 32, 32), 10)
         sample = torch.randn(args.batch_size, 3, 32, 32)
-        costs = profile_block_costs(model, sample, threads=args.threads, repeats=5)
+        costs = profile_blocks(model, sample, threads=args.threads, repeats=5)
         base = backprop_seconds(costs)
         print(f"\n{name}: {len(costs)} blocks, backprop {1e3 * base:.1f} ms per step with {args.threads} thread(s)")
         print("method  " + "  ".join(f"K={k:<5d}" for k in range(2, 9)))
