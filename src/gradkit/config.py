@@ -11,9 +11,12 @@ from typing import Any
 
 from gradkit.errors import ConfigError
 from gradkit.optim import LR_SCHEDULES, OPTIMIZERS, LRSchedule, OptimizerConfig
-from gradkit.stages import BALANCES
 
 __all__ = ["TrainConfig", "BALANCES"]
+
+BALANCES = ("count", "params", "time")
+"""How stages are balanced (``gradkit.split(balance=...)``, ``--balance``): blocks, parameters, or
+profiled time."""
 
 # Mirrors gradkit.compress.MODES (a test keeps them equal) without importing torch code here.
 ACTIVATION_MODES = ("exact", "blpa8", "blpa4", "int8", "int4", "int2", "naive8")

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from gradkit.config import TrainConfig
 from gradkit.data import BatchLoader, load_dataset
 from gradkit.errors import ConfigError
 from gradkit.launch_env import launched_world_size
@@ -22,9 +23,6 @@ from gradkit.methods import stage_parallel_class, stage_parallel_names
 from gradkit.models import build_model
 from gradkit.stages.cost_model import AutoChoice, backprop_seconds, choose_stages
 from gradkit.stages.profile import profile_blocks
-
-if TYPE_CHECKING:  # gradkit.config imports this package (for BALANCES)
-    from gradkit.config import TrainConfig
 
 __all__ = ["available_workers", "default_threads", "plan_stages", "resolve_auto_stages"]
 

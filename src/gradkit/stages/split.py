@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradkit.config import BALANCES
 from gradkit.errors import ConfigError
 from gradkit.stages import cost_model
 from gradkit.stages.partition import _as_int, check_k, partition
@@ -32,10 +33,6 @@ from gradkit.stages.profile import profile_blocks
 __all__ = ["BALANCES", "check_stage_sizes", "choose_sizes", "split"]
 
 logger = logging.getLogger(__name__)
-
-#: Names accepted by ``split(balance=...)``.
-BALANCES = ("count", "params", "time")
-
 
 def split(
     model: nn.Sequential,
