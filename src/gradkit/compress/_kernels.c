@@ -201,7 +201,7 @@ int gk_pack(const float *x, int64_t n, int64_t gs, int64_t g0, int64_t g1, const
     int err = check_groups(n, gs, g0, g1, &groups);
     if (err) return err;
     if (check_bits(bits)) return GK_EBITS;
-    if (mode < 0 || mode > 2 || (mode == 2 && !noise)) return GK_EMODE;
+    if (mode < 0 || mode > 2 || (mode == 2 && !noise && g1 > g0)) return GK_EMODE;
     if (g1 > g0 && (!x || !lo || !inv || !out)) return GK_ENULL;
     const float levels = (float)((1 << bits) - 1);
     const int64_t out_per_group = gs * bits / 8;

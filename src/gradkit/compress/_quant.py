@@ -281,7 +281,10 @@ def pack(
                 keep |= ~nonneg[sl]
             codes.mul_(keep.view(torch.uint8))
         parts.append(_pack_codes(codes, bits))
-    data = parts[0] if len(parts) == 1 else torch.cat(parts)
+    if not parts:  # an empty tensor: no groups
+        data = torch.empty(0, group_size * bits // 8, dtype=torch.uint8, device=x.device)
+    else:
+        data = parts[0] if len(parts) == 1 else torch.cat(parts)
     return Packed(data, lo, step, x.shape, x.dtype, bits)
 
 
@@ -336,6 +339,8 @@ def _random_bytes(n: int, device: torch.device) -> torch.Tensor:
 def _pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return codes
+    if codes.numel() == 0:  # the wider views below need a non-empty, aligned tensor
+        return codes.new_empty(codes.shape[0], codes.shape[1] * bits // 8)
     if not _LITTLE_ENDIAN:  # pragma: no cover - the wide-view trick assumes little-endian bytes
         per_byte = 8 // bits
         out = torch.zeros(codes.shape[0], codes.shape[1] // per_byte, dtype=torch.uint8)
