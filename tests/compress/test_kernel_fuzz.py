@@ -195,10 +195,11 @@ def test_checked_wrappers_refuse_short_or_wrong_buffers() -> None:
                             torch.ones(3), torch.ones(2), torch.ones(3), torch.ones(3), 4)
 
 
-def _raw_calls(lib: Any) -> list[tuple[str, int, Any]]:
+def _raw_calls(lib: Any) -> tuple[list[tuple[str, int, Any]], list[torch.Tensor]]:
     """Direct calls of each C entry point with properly sized buffers but scalars it must refuse; each
     is (what, expected error code, thunk). Without the C checks, the group-size cases write past the
-    kernels' stack arrays (what AddressSanitizer reports), the others read or write out of range."""
+    kernels' stack arrays (what AddressSanitizer reports), the others read or write out of range.
+    Also returns the buffers, which the caller must keep alive while it calls."""
     big = 2 * 8192
     x = torch.randn(big)
     f = [torch.zeros(big) for _ in range(8)]
@@ -208,9 +209,9 @@ def _raw_calls(lib: Any) -> list[tuple[str, int, Any]]:
     calls: list[tuple[str, int, Any]] = []
     for gs in (MAX_GROUP_SIZE + 8, 8192, 0, 12, -8):
         calls += [
-            (f"minmax gs={gs}", EGROUP, lambda gs=gs: lib.gk_minmax(px, 8192, gs, 0, 1, p[0], p[1])),
-            (f"pack gs={gs}", EGROUP, lambda gs=gs: lib.gk_pack(px, 8192, gs, 0, 1, p[0], p[1], 8, 2, 0, p[2], po)),
             (f"unpack gs={gs}", EGROUP, lambda gs=gs: lib.gk_unpack(po, 8192, gs, 0, 1, 8, p[0], p[1], p[2], p[3])),
+            (f"pack gs={gs}", EGROUP, lambda gs=gs: lib.gk_pack(px, 8192, gs, 0, 1, p[0], p[1], 8, 2, 0, p[2], po)),
+            (f"minmax gs={gs}", EGROUP, lambda gs=gs: lib.gk_minmax(px, 8192, gs, 0, 1, p[0], p[1])),
         ]
     for bits in (0, 1, 3, 16, -4):
         calls += [
@@ -248,15 +249,17 @@ def _raw_calls(lib: Any) -> list[tuple[str, int, Any]]:
         ("grad_input begin<0", ERANGE, lambda: lib.gk_blpa_grad_input(p[0], po, -1, 1, 2, 64, *p[1:8], 8)),
         ("encode NULL", ENULL, lambda: lib.gk_blpa_encode(None, 0, 1, 2, 64, *p[:6], 8, p[6], po)),
     ]
-    return calls
+    return calls, [x, out, *f]
 
 
 @pytest.mark.usefixtures("native")
 def test_every_entry_point_refuses_bad_scalars_without_touching_memory() -> None:
     lib = _native.kernels()
     assert lib.gk_max_group() == MAX_GROUP_SIZE
-    for what, code, call in _raw_calls(lib):
+    calls, buffers = _raw_calls(lib)
+    for what, code, call in calls:
         assert call() == code, what
+    del buffers
     # The same refusals through the checked wrappers' error path: a clear exception.
     with pytest.raises(_native.KernelError, match="group size"):
         _native._ok("gk_unpack", EGROUP)
