@@ -44,6 +44,7 @@ def _asan_runtime(cc: str, tmp_path: Path) -> str:
     return found
 
 
+@pytest.mark.slow
 def test_fuzz_cases_pass_under_address_sanitizer(tmp_path: Path) -> None:
     cc = _native._compiler()
     if cc is None:
