@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import random
+import time
 from typing import Any
 
 import pytest
@@ -360,3 +361,23 @@ def test_ctypes_signatures_cover_every_entry_point() -> None:
     for name in _native._SIGNATURES:
         fn = getattr(lib, name)
         assert fn.restype is ctypes.c_int and fn.argtypes is not None, name
+
+
+def test_parallel_waits_for_every_worker_before_raising() -> None:
+    """An error in one chunk must not hand the buffers back while another chunk still writes to them."""
+    finished: list[int] = []
+
+    def work(a: int, b: int) -> None:
+        if a == 0:
+            raise _native.KernelError("refused")
+        time.sleep(0.2)
+        finished.append(a)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(_native.KernelError):
+            _native.parallel(work, 2, 1 << 20)
+    finally:
+        torch.set_num_threads(threads)
+    assert finished == [1]

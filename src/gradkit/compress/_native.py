@@ -33,7 +33,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import torch
@@ -199,7 +199,11 @@ def parallel(work: Callable[[int, int], object], total: int, elements: int) -> N
         _pool_size = threads
     bounds = [total * i // chunks for i in range(chunks + 1)]
     futures = [_pool.submit(work, bounds[i], bounds[i + 1]) for i in range(1, chunks)]
-    work(bounds[0], bounds[1])
+    try:
+        work(bounds[0], bounds[1])
+    finally:
+        # Never return or raise while a worker may still write into the caller's buffers.
+        wait(futures)
     for f in futures:
         f.result()
 
