@@ -9,10 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gradkit.compress import MAX_GROUP_SIZE
 from gradkit.errors import ConfigError
 from gradkit.optim import LR_SCHEDULES, OPTIMIZERS, LRSchedule, OptimizerConfig
 
-__all__ = ["TrainConfig", "BALANCES"]
+__all__ = ["TrainConfig", "BALANCES", "MAX_THREADS"]
 
 BALANCES = ("count", "params", "time")
 """How stages are balanced (``gradkit.split(balance=...)``, ``--balance``): blocks, parameters, or
@@ -20,6 +21,12 @@ profiled time."""
 
 # Mirrors gradkit.compress.MODES (a test keeps them equal) without importing torch code here.
 ACTIVATION_MODES = ("exact", "blpa8", "blpa4", "int8", "int4", "int2", "naive8")
+
+# Upper bound on torch threads (--threads). Fixed rather than a multiple of this machine's cores, so that a
+# config valid on one machine stays valid on another (a run may be resumed elsewhere); far above any CPU we
+# train on (more threads than cores only contend), and far below where thread creation fails: 100000
+# threads exhaust RLIMIT_NPROC and OpenBLAS's thread table, and the process crashes.
+MAX_THREADS = 1024
 
 # Fields that may differ between a run and its --resume: they change how, not what, is computed.
 _RESUMABLE_CHANGES = frozenset(
@@ -55,8 +62,8 @@ class TrainConfig:
     """How activations are kept for backward: a mode of ``gradkit.compress.MODES`` (``exact``,
     ``blpa8``, ``blpa4``, ``int8``, ``int4``, ``int2``, ``naive8``)."""
     activation_group_size: int = 256
-    """Elements sharing one quantisation range in the generic path (a multiple of 8, at most 4096
-    for the fused kernels; smaller groups: tighter ranges, more range bytes)."""
+    """Elements sharing one quantisation range in the generic path (a multiple of 8, at most
+    ``gradkit.compress.MAX_GROUP_SIZE`` = 4096, the kernels' limit; smaller groups: tighter ranges, more range bytes)."""
     epochs: int = 5
     """Number of passes over the training set."""
     batch_size: int = 128
@@ -117,9 +124,10 @@ class TrainConfig:
             raise ConfigError(
                 f"unknown activations {self.activations!r}; choose one of: {', '.join(ACTIVATION_MODES)}"
             )
-        if self.activation_group_size < 8 or self.activation_group_size % 8:
-            raise ConfigError(f"--activation-group-size must be a positive multiple of 8, got "
-                              f"{self.activation_group_size}")
+        if (not isinstance(self.activation_group_size, int) or self.activation_group_size < 8
+                or self.activation_group_size % 8 or self.activation_group_size > MAX_GROUP_SIZE):
+            raise ConfigError(f"--activation-group-size must be a positive multiple of 8 of at most "
+                              f"{MAX_GROUP_SIZE}, got {self.activation_group_size}")
         if self.balance not in BALANCES:
             raise ConfigError(f"unknown balance {self.balance!r}; choose one of: {', '.join(BALANCES)}")
         for name in ("epochs", "batch_size", "eval_batch_size", "stages"):
@@ -130,6 +138,9 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        if self.threads is not None and self.threads > MAX_THREADS:
+            raise ConfigError(f"--threads must be at most {MAX_THREADS}, got {self.threads}; "
+                              f"use about this machine's core count")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr >= 0):
             raise ConfigError(f"--lr must be a finite number >= 0, got {self.lr}")
         if self.resume and self.out is None:

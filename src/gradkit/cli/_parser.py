@@ -6,14 +6,15 @@ import argparse
 import sys
 from typing import NoReturn
 
-from gradkit.config import ACTIVATION_MODES, BALANCES, TrainConfig
+from gradkit.compress import MAX_GROUP_SIZE
+from gradkit.config import ACTIVATION_MODES, BALANCES, MAX_THREADS, TrainConfig
 from gradkit.data import DATASETS
 from gradkit.errors import ConfigError
 from gradkit.methods import METHODS
 from gradkit.models import MODELS
 from gradkit.optim import LR_SCHEDULES, OPTIMIZERS
 
-__all__ = ["Parser", "add_training_args", "config_from_args"]
+__all__ = ["Parser", "add_training_args", "config_from_args", "group_size", "thread_count"]
 
 _DEFAULTS = TrainConfig()
 
@@ -33,6 +34,24 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def thread_count(text: str) -> int:
+    """``--threads``: 1 to ``MAX_THREADS`` (see gradkit.config)."""
+    value = _positive_int(text)
+    if value > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_THREADS} threads, got {value}; use about this "
+                                         f"machine's core count")
+    return value
+
+
+def group_size(text: str) -> int:
+    """A quantisation group size: a multiple of 8 from 8 to the kernels' ``MAX_GROUP_SIZE``."""
+    value = _positive_int(text)
+    if value % 8 or value > MAX_GROUP_SIZE:
+        raise argparse.ArgumentTypeError(f"expected a multiple of 8 from 8 to {MAX_GROUP_SIZE}, got {value}; "
+                                         f"use e.g. 256 (default) or {MAX_GROUP_SIZE}")
     return value
 
 
@@ -125,15 +144,16 @@ def add_training_args(parser: argparse.ArgumentParser, *, single_method: bool = 
                      help="activations kept for backward: exact, blpa8/blpa4 (BN->ReLU->Conv codes, "
                           "Chakrabarti & Moseley 2019), int8/int4/int2 (any model), naive8 "
                           "(quantised forward too); combinable with every method (default: %(default)s)")
-    how.add_argument("--activation-group-size", type=int, default=_DEFAULTS.activation_group_size,
+    how.add_argument("--activation-group-size", type=group_size, default=_DEFAULTS.activation_group_size,
                      metavar="N", help="elements per quantisation range for the int modes and the "
-                                       "generic part of blpa (multiple of 8; default: %(default)s)")
+                                       "generic part of blpa (multiple of 8, at most "
+                                       f"{MAX_GROUP_SIZE}; default: %(default)s)")
     how.add_argument("--measure-direction", type=_positive_int, metavar="N",
                      help="every N steps also compute the true backprop gradient and log sigma = <grad f, g>/|grad f|^2 "
                           "and the cosine of the method's update g (per-epoch mean and min in metrics.jsonl)")
 
     where = parser.add_argument_group("where to run")
-    where.add_argument("--threads", type=_positive_int, metavar="N",
+    where.add_argument("--threads", type=thread_count, metavar="N",
                        help="CPU threads for torch (with --workers, per worker; default: cores / workers)")
     if single_method if workers is None else workers:  # compare and diagnose run in this process
         where.add_argument("--workers", type=_positive_int, metavar="K",

@@ -7,7 +7,8 @@ import json
 
 import torch
 
-from gradkit.compress import MODES, measure_activations
+from gradkit.cli._parser import group_size, thread_count
+from gradkit.compress import MAX_GROUP_SIZE, MODES, measure_activations
 from gradkit.data import DATASETS, BatchLoader, load_dataset
 from gradkit.errors import ConfigError
 from gradkit.models import MODELS, build_model
@@ -46,9 +47,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=128, help="default: %(default)s")
     p.add_argument("--activations", type=_modes, default=["int4"], metavar="MODE[,MODE...]",
                    help=f"one or more of {', '.join(MODES)} (default: int4)")
-    p.add_argument("--group-size", type=int, default=256, help="elements per quantisation range (default: 256)")
+    p.add_argument("--group-size", type=group_size, default=256,
+                   help=f"elements per quantisation range (multiple of 8, at most {MAX_GROUP_SIZE}; default: 256)")
     p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
-    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's)")
+    p.add_argument("--threads", type=thread_count, metavar="N", help="CPU threads for torch (default: torch's)")
     p.add_argument("--json", action="store_true", help="print JSON (one object, or a list for several modes)")
     p.set_defaults(run=run)
 

@@ -23,9 +23,11 @@ from gradkit.compress._check import LayerGradient, check_gradients
 from gradkit.compress._hooks import ActivationCompressor, SavedRecord
 from gradkit.compress._measure import ActivationMemory, measure_activations
 from gradkit.compress._modes import MODES, Activations, ModeSpec, parse_mode
+from gradkit.compress._native import MAX_GROUP as MAX_GROUP_SIZE
 from gradkit.compress._quant import Packed, pack, pack_reference, unpack, unpack_reference
 
 __all__ = [
+    "MAX_GROUP_SIZE",
     "MODES",
     "ActivationCompressor",
     "ActivationMemory",

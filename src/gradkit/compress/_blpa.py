@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -53,7 +52,7 @@ def _mean_var(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     shift = x[0].mean(dim=(1, 2)).view(1, -1, 1, 1)
     if _native_ok(x):
-        s1, s2 = _native_moments(x, shift.view(-1).contiguous())
+        s1, s2 = _native.moments(x, shift.view(-1).contiguous())
     else:
         s1 = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
         s2 = torch.zeros_like(s1)
@@ -71,29 +70,6 @@ def _native_ok(x: torch.Tensor, bits: int = 8) -> bool:
     """Whether the fused C kernels can run this unit: float32 NCHW on CPU, whole bytes per plane."""
     return (x.dtype == torch.float32 and x.dim() == 4 and (x.shape[2] * x.shape[3] * bits) % 8 == 0
             and _native.usable(x))
-
-
-def _per_channel_sums(run: Callable[[int, int, int, int], None], x: torch.Tensor) -> tuple[Tensor, Tensor]:
-    """Two per-channel float64 sums accumulated by ``run(begin, end, out1, out2)`` over sample ranges
-    (one pair of accumulators per thread, added at the end)."""
-    parts: list[Tensor] = []
-
-    def work(a: int, b: int) -> None:
-        sums = torch.zeros(2, x.shape[1], dtype=torch.float64)
-        run(a, b, sums[0].data_ptr(), sums[1].data_ptr())
-        parts.append(sums)
-
-    _native.parallel(work, x.shape[0], x.numel())
-    total = torch.stack(parts).sum(0)
-    return total[0], total[1]
-
-
-def _native_moments(x: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
-    lib = _native.kernels()
-    assert lib is not None
-    c, hw = x.shape[1], x.shape[2] * x.shape[3]
-    return _per_channel_sums(lambda a, b, o1, o2: lib.gk_moments(x.data_ptr(), a, b, c, hw, shift.data_ptr(),
-                                                                 o1, o2), x)
 
 
 def _batch_stats(x: torch.Tensor, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,15 +157,10 @@ def _native_encode(
     bits: int,
 ) -> tuple[Tensor, Tensor]:
     """:func:`_torch_encode` in one fused pass (``gk_blpa_encode``)."""
-    lib = _native.kernels()
-    assert lib is not None
-    c, hw = x.shape[1], x.shape[2] * x.shape[3]
-    vec = [t.reshape(-1).float().contiguous() for t in (a_v, b_v, scale_y, shift_y, offset, c_t)]
-    y = torch.empty_like(x)
+    av, bv, sy, hy, off, ct = (t.reshape(-1).float().contiguous() for t in (a_v, b_v, scale_y, shift_y, offset, c_t))
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
     data = torch.empty(1, x.numel() * bits // 8, dtype=torch.uint8)
-    _native.parallel(lambda a, b: lib.gk_blpa_encode(x.data_ptr(), a, b, c, hw, *(t.data_ptr() for t in vec),
-                                                     bits, y.data_ptr(), data.data_ptr()),
-                     x.shape[0], x.numel())
+    _native.blpa_encode(x, av, bv, sy, hy, off, ct, bits, y, data)
     return y, data
 
 
@@ -239,34 +210,25 @@ class _NativeBackward:
     time instead of being held as a float tensor."""
 
     def __init__(self, data: Tensor, shape: torch.Size, centre: Tensor, c_t: Tensor, bits: int) -> None:
-        lib = _native.kernels()
-        assert lib is not None
-        self.lib, self.data, self.shape, self.bits = lib, data, shape, bits
-        self.centre, self.c_t = centre.float().contiguous(), c_t.float().contiguous()
-        self.c, self.hw = shape[1], shape[2] * shape[3]
-        self.numel = shape.numel()
+        self.data, self.shape, self.bits = data, shape, bits
+        self.centre = centre.reshape(-1).float().contiguous()
+        self.c_t = c_t.reshape(-1).float().contiguous()
 
     def decode(self, scale_y: Tensor, shift_y: Tensor) -> Tensor:
-        sy, hy = scale_y.reshape(-1).contiguous(), shift_y.reshape(-1).contiguous()
+        sy, hy = scale_y.reshape(-1).float().contiguous(), shift_y.reshape(-1).float().contiguous()
         y = torch.empty(self.shape)
-        _native.parallel(lambda a, b: self.lib.gk_blpa_decode(
-            self.data.data_ptr(), a, b, self.c, self.hw, self.centre.data_ptr(), self.c_t.data_ptr(),
-            sy.data_ptr(), hy.data_ptr(), self.bits, y.data_ptr()), self.shape[0], self.numel)
+        _native.blpa_decode(self.data, y, self.centre, self.c_t, sy, hy, self.bits)
         return y
 
     def mask_sums(self, grad_y: Tensor, y: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Applies the ReLU mask to ``grad_y`` in place; returns per-channel Σ g and Σ g·v."""
-        s1, s2 = _per_channel_sums(lambda a, b, o1, o2: self.lib.gk_blpa_mask_sums(
-            grad_y.data_ptr(), y.data_ptr(), self.data.data_ptr(), a, b, self.c, self.hw,
-            self.centre.data_ptr(), self.c_t.data_ptr(), self.bits, o1, o2), grad_y)
+        s1, s2 = _native.blpa_mask_sums(grad_y, y, self.data, self.centre, self.c_t, self.bits)
         return s1.to(dtype), s2.to(dtype)
 
     def grad_input(self, g: Tensor, xs: Tensor, xt: Tensor, m_g: Tensor, m_gx: Tensor, k: Tensor) -> None:
         """The BatchNorm input gradient ``(g - m_g - x̂·m_gx)·k``, in place on ``g``."""
-        vec = [t.reshape(-1).float().contiguous() for t in (xs, xt, m_g, m_gx, k)]
-        _native.parallel(lambda a, b: self.lib.gk_blpa_grad_input(
-            g.data_ptr(), self.data.data_ptr(), a, b, self.c, self.hw, self.centre.data_ptr(),
-            self.c_t.data_ptr(), *(t.data_ptr() for t in vec), self.bits), self.shape[0], self.numel)
+        s, t, mg, mgx, kk = (v.reshape(-1).float().contiguous() for v in (xs, xt, m_g, m_gx, k))
+        _native.blpa_grad_input(g, self.data, self.centre, self.c_t, s, t, mg, mgx, kk, self.bits)
 
 
 class _BNReLUConv(torch.autograd.Function):

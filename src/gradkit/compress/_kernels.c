@@ -8,13 +8,53 @@
  * and _blpa.py computes the same results and stays the reference; tests hold these kernels to it.
  *
  * Code layout (as _quant._pack_codes): 8/bits codes per byte, code k of a byte in bits [bits*k, bits*(k+1)).
+ *
+ * Memory safety: every entry point validates its scalar arguments (bits, group size, element and
+ * sample counts, the [begin, end) range, the mode) before touching memory and returns 0 or a negative
+ * GK_E* code, which _native.py turns into an exception. Buffer lengths cannot be seen from a pointer:
+ * _native.py checks every tensor's dtype, contiguity and length against what the call will touch.
  */
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
+/* Largest quantisation group (and BLPA chunk) held on the stack; _native.py passes -DMAX_GROUP from its
+ * MAX_GROUP and checks gk_max_group() after loading, so the two cannot drift apart. */
+#ifndef MAX_GROUP
 #define MAX_GROUP 4096
+#endif
+
+/* Error codes (gk_ranges also returns 1, 0 and -1: float16 ranges, float32 ranges, no _Float16). */
+#define GK_EBITS (-2)   /* bits not 2, 4 or 8 */
+#define GK_EGROUP (-3)  /* group size not a multiple of 8 in [8, MAX_GROUP] */
+#define GK_ECOUNT (-4)  /* negative or overflowing element / sample / channel count */
+#define GK_ERANGE (-5)  /* [begin, end) not inside [0, groups or samples] */
+#define GK_EMODE (-6)   /* rounding mode not 0..2, or mode 2 without noise */
+#define GK_ENULL (-7)   /* a needed buffer is NULL */
+#define GK_ELAYOUT (-8) /* a plane's codes do not fill whole bytes (hw * bits % 8 != 0) */
+
+int gk_max_group(void) { return MAX_GROUP; }
+
+static int check_bits(int bits) { return bits == 2 || bits == 4 || bits == 8 ? 0 : GK_EBITS; }
+
+/* Group size gs and element count n; on success *groups = ceil(n / gs). */
+static int check_groups(int64_t n, int64_t gs, int64_t g0, int64_t g1, int64_t *groups) {
+    if (gs < 8 || gs > MAX_GROUP || gs % 8) return GK_EGROUP;
+    if (n < 0 || n > INT64_MAX - gs) return GK_ECOUNT;
+    *groups = (n + gs - 1) / gs;
+    if (g0 < 0 || g1 < g0 || g1 > *groups) return GK_ERANGE;
+    return 0;
+}
+
+/* NCHW layout: c_count channels of hw elements, samples [n0, n1); the element count must fit int64. */
+static int check_planes(int64_t n0, int64_t n1, int64_t c_count, int64_t hw, int bits) {
+    if (c_count < 0 || hw < 0) return GK_ECOUNT;
+    if (n0 < 0 || n1 < n0) return GK_ERANGE;
+    if (c_count > 0 && hw > 0 && (n1 > INT64_MAX / 8 / c_count / hw)) return GK_ECOUNT;
+    if (bits && (hw * bits) % 8) return GK_ELAYOUT;
+    return 0;
+}
 /* Reductions may be reordered so that they vectorise (sums and extremes; torch reorders its own too). */
 #if defined(__GNUC__) && !defined(__clang__)
 #define REORDERABLE __attribute__((optimize("associative-math", "no-signed-zeros", "no-trapping-math", \
@@ -66,7 +106,11 @@ static inline uint64_t splitmix64(uint64_t *state) {
 /* ---- generic path: per-group quantisation (_quant.py) ------------------------------------------- */
 
 /* Per-group minimum and maximum of x[0:n], groups of gs; the last group may be partial. */
-REORDERABLE void gk_minmax(const float *x, int64_t n, int64_t gs, int64_t g0, int64_t g1, float *lo, float *hi) {
+REORDERABLE int gk_minmax(const float *x, int64_t n, int64_t gs, int64_t g0, int64_t g1, float *lo, float *hi) {
+    int64_t groups;
+    int err = check_groups(n, gs, g0, g1, &groups);
+    if (err) return err;
+    if (g1 > g0 && (!x || !lo || !hi)) return GK_ENULL;
     for (int64_t g = g0; g < g1; g++) {
         const float *p = x + g * gs;
         int64_t m = (g + 1) * gs <= n ? gs : n - g * gs;
@@ -78,6 +122,7 @@ REORDERABLE void gk_minmax(const float *x, int64_t n, int64_t gs, int64_t g0, in
         lo[g] = a;
         hi[g] = b;
     }
+    return 0;
 }
 
 /* Stored ranges from the groups' minima/maxima, as _quant._ranges_from: lo = min(mn, 0); positives of
@@ -105,6 +150,9 @@ static inline _Float16 half_up(_Float16 h) {  /* nextafter(h, +inf) */
 int gk_ranges(const float *mn, const float *mx, int64_t groups, int bits, int try_half, float safety,
               float *lo32, float *step32, void *lo16_out, void *step16_out, float *inv) {
     _Float16 *lo16 = lo16_out, *step16 = step16_out;
+    if (check_bits(bits)) return GK_EBITS;
+    if (groups < 0) return GK_ECOUNT;
+    if (groups > 0 && (!mn || !mx || !lo32 || !step32 || !lo16 || !step16 || !inv)) return GK_ENULL;
     const float top = (float)((1 << bits) - 1);
     int fits = try_half;
     for (int64_t g = 0; g < groups && fits; g++) {
@@ -136,6 +184,8 @@ int gk_ranges(const float *mn, const float *mx, int64_t groups, int bits, int tr
 #else
 int gk_ranges(const float *mn, const float *mx, int64_t groups, int bits, int try_half, float safety,
               float *lo32, float *step32, void *lo16_out, void *step16_out, float *inv) {
+    if (check_bits(bits)) return GK_EBITS;
+    if (groups < 0) return GK_ECOUNT;
     return -1;
 }
 #endif
@@ -145,8 +195,14 @@ int gk_ranges(const float *mn, const float *mx, int64_t groups, int bits, int tr
  * u is 0.5 (nearest, mode 0), (byte + 0.5)/256 from splitmix64 seeded by (seed, group) (mode 1), or
  * noise[] (mode 2). The operations and their order are those of _quant.pack_reference.
  * Elements past n (padding of the last group) repeat x[n-1], as _quant._groups does. */
-void gk_pack(const float *x, int64_t n, int64_t gs, int64_t g0, int64_t g1, const float *lo,
-             const float *inv, int bits, int mode, uint64_t seed, const float *noise, uint8_t *out) {
+int gk_pack(const float *x, int64_t n, int64_t gs, int64_t g0, int64_t g1, const float *lo,
+            const float *inv, int bits, int mode, uint64_t seed, const float *noise, uint8_t *out) {
+    int64_t groups;
+    int err = check_groups(n, gs, g0, g1, &groups);
+    if (err) return err;
+    if (check_bits(bits)) return GK_EBITS;
+    if (mode < 0 || mode > 2 || (mode == 2 && !noise && g1 > g0)) return GK_EMODE;
+    if (g1 > g0 && (!x || !lo || !inv || !out)) return GK_ENULL;
     const float levels = (float)((1 << bits) - 1);
     const int64_t out_per_group = gs * bits / 8;
     uint8_t codes[MAX_GROUP];
@@ -184,11 +240,17 @@ void gk_pack(const float *x, int64_t n, int64_t gs, int64_t g0, int64_t g1, cons
         }
         store_codes(codes, gs, bits, out + g * out_per_group);
     }
+    return 0;
 }
 
 /* Decode groups [g0, g1) into out[0:n]: max(code * step + offset, floor), rounded as the torch path. */
-void gk_unpack(const uint8_t *data, int64_t n, int64_t gs, int64_t g0, int64_t g1, int bits,
-               const float *step, const float *offset, const float *floor_, float *out) {
+int gk_unpack(const uint8_t *data, int64_t n, int64_t gs, int64_t g0, int64_t g1, int bits,
+              const float *step, const float *offset, const float *floor_, float *out) {
+    int64_t groups;
+    int err = check_groups(n, gs, g0, g1, &groups);
+    if (err) return err;
+    if (check_bits(bits)) return GK_EBITS;
+    if (g1 > g0 && (!data || !step || !offset || !floor_ || !out)) return GK_ENULL;
     const int64_t in_per_group = gs * bits / 8;
     uint8_t codes[MAX_GROUP];
     for (int64_t g = g0; g < g1; g++) {
@@ -202,6 +264,7 @@ void gk_unpack(const uint8_t *data, int64_t n, int64_t gs, int64_t g0, int64_t g
             o[i] = v > fl ? v : fl;
         }
     }
+    return 0;
 }
 
 /* ---- faithful path: BatchNorm -> ReLU -> Conv units (_blpa.py) ------------------------------------ *
@@ -209,8 +272,11 @@ void gk_unpack(const uint8_t *data, int64_t n, int64_t gs, int64_t g0, int64_t g
 
 /* Shifted per-channel sums for the batch statistics: s1 += sum(x - shift), s2 += sum((x - shift)^2),
  * in double, into the caller's (per-thread) accumulators. */
-REORDERABLE void gk_moments(const float *x, int64_t n0, int64_t n1, int64_t c_count, int64_t hw, const float *shift,
-                double *s1, double *s2) {
+REORDERABLE int gk_moments(const float *x, int64_t n0, int64_t n1, int64_t c_count, int64_t hw, const float *shift,
+                           double *s1, double *s2) {
+    int err = check_planes(n0, n1, c_count, hw, 0);
+    if (err) return err;
+    if (n1 > n0 && c_count > 0 && (!x || !shift || !s1 || !s2)) return GK_ENULL;
     for (int64_t n = n0; n < n1; n++)
         for (int64_t c = 0; c < c_count; c++) {
             const float *p = x + (n * c_count + c) * hw;
@@ -224,6 +290,7 @@ REORDERABLE void gk_moments(const float *x, int64_t n0, int64_t n1, int64_t c_co
             s1[c] += a;
             s2[c] += b;
         }
+    return 0;
 }
 
 /* v of m packed codes, in bin units relative to the ReLU threshold: the bin centre code - centre, and for
@@ -245,9 +312,14 @@ static inline void load_values(const uint8_t *packed, int64_t m, int bits, float
 
 /* Forward: v = b_v + x*a_v; y = max(shift_y + v*scale_y, 0); code = clamp(ceil(v) + offset, 0, levels)
  * with the end-code rule for channels whose threshold lies outside the window. Writes y and packed codes. */
-void gk_blpa_encode(const float *x, int64_t n0, int64_t n1, int64_t c_count, int64_t hw, const float *a_v,
-                    const float *b_v, const float *scale_y, const float *shift_y, const float *offset,
-                    const float *c_t, int bits, float *y, uint8_t *packed) {
+int gk_blpa_encode(const float *x, int64_t n0, int64_t n1, int64_t c_count, int64_t hw, const float *a_v,
+                   const float *b_v, const float *scale_y, const float *shift_y, const float *offset,
+                   const float *c_t, int bits, float *y, uint8_t *packed) {
+    if (check_bits(bits)) return GK_EBITS;
+    int err = check_planes(n0, n1, c_count, hw, bits);
+    if (err) return err;
+    if (n1 > n0 && c_count > 0 &&
+        (!x || !a_v || !b_v || !scale_y || !shift_y || !offset || !c_t || !y || !packed)) return GK_ENULL;
     const int levels = (1 << bits) - 1;
     const float top = (float)levels;
     uint8_t codes[MAX_GROUP];
@@ -274,12 +346,17 @@ void gk_blpa_encode(const float *x, int64_t n0, int64_t n1, int64_t c_count, int
                 store_codes(codes, m, bits, packed + (base + i0) * bits / 8);
             }
         }
+    return 0;
 }
 
 /* Backward, step 1: the conv input y = max(shift_y + v*scale_y, 0) from the codes. */
-void gk_blpa_decode(const uint8_t *packed, int64_t n0, int64_t n1, int64_t c_count, int64_t hw,
-                    const float *centre, const float *c_t, const float *scale_y, const float *shift_y,
-                    int bits, float *y) {
+int gk_blpa_decode(const uint8_t *packed, int64_t n0, int64_t n1, int64_t c_count, int64_t hw,
+                   const float *centre, const float *c_t, const float *scale_y, const float *shift_y,
+                   int bits, float *y) {
+    if (check_bits(bits)) return GK_EBITS;
+    int err = check_planes(n0, n1, c_count, hw, bits);
+    if (err) return err;
+    if (n1 > n0 && c_count > 0 && (!packed || !centre || !c_t || !scale_y || !shift_y || !y)) return GK_ENULL;
     float v[MAX_GROUP];
     for (int64_t n = n0; n < n1; n++)
         for (int64_t c = 0; c < c_count; c++) {
@@ -295,12 +372,17 @@ void gk_blpa_decode(const uint8_t *packed, int64_t n0, int64_t n1, int64_t c_cou
                 }
             }
         }
+    return 0;
 }
 
 /* Backward, step 2: g *= (y > 0) in place (the exact ReLU mask); sum_g += sum(g), sum_gv += sum(g*v). */
-REORDERABLE void gk_blpa_mask_sums(float *g, const float *y, const uint8_t *packed, int64_t n0, int64_t n1,
-                       int64_t c_count, int64_t hw, const float *centre, const float *c_t, int bits,
-                       double *sum_g, double *sum_gv) {
+REORDERABLE int gk_blpa_mask_sums(float *g, const float *y, const uint8_t *packed, int64_t n0, int64_t n1,
+                                  int64_t c_count, int64_t hw, const float *centre, const float *c_t, int bits,
+                                  double *sum_g, double *sum_gv) {
+    if (check_bits(bits)) return GK_EBITS;
+    int err = check_planes(n0, n1, c_count, hw, bits);
+    if (err) return err;
+    if (n1 > n0 && c_count > 0 && (!g || !y || !packed || !centre || !c_t || !sum_g || !sum_gv)) return GK_ENULL;
     float v[MAX_GROUP];
     for (int64_t n = n0; n < n1; n++)
         for (int64_t c = 0; c < c_count; c++) {
@@ -321,12 +403,18 @@ REORDERABLE void gk_blpa_mask_sums(float *g, const float *y, const uint8_t *pack
             sum_g[c] += a;
             sum_gv[c] += b;
         }
+    return 0;
 }
 
 /* Backward, step 3 (batch statistics): g = (g - m_g - x̂*m_gx) * k in place, x̂ = xt + v*xs. */
-void gk_blpa_grad_input(float *g, const uint8_t *packed, int64_t n0, int64_t n1, int64_t c_count,
-                        int64_t hw, const float *centre, const float *c_t, const float *xs,
-                        const float *xt, const float *m_g, const float *m_gx, const float *k, int bits) {
+int gk_blpa_grad_input(float *g, const uint8_t *packed, int64_t n0, int64_t n1, int64_t c_count,
+                       int64_t hw, const float *centre, const float *c_t, const float *xs,
+                       const float *xt, const float *m_g, const float *m_gx, const float *k, int bits) {
+    if (check_bits(bits)) return GK_EBITS;
+    int err = check_planes(n0, n1, c_count, hw, bits);
+    if (err) return err;
+    if (n1 > n0 && c_count > 0 && (!g || !packed || !centre || !c_t || !xs || !xt || !m_g || !m_gx || !k))
+        return GK_ENULL;
     float v[MAX_GROUP];
     for (int64_t n = n0; n < n1; n++)
         for (int64_t c = 0; c < c_count; c++) {
@@ -342,4 +430,5 @@ void gk_blpa_grad_input(float *g, const uint8_t *packed, int64_t n0, int64_t n1,
                 }
             }
         }
+    return 0;
 }

@@ -65,6 +65,9 @@ class Packed:
     shape: torch.Size
     dtype: torch.dtype
     bits: int
+    native: bool = False
+    """Packed by the C kernels; :func:`unpack` decodes on the same path that packed (never the C kernels
+    for codes the torch path wrote)."""
 
     @property
     def nbytes(self) -> int:
@@ -152,8 +155,10 @@ def _ranges_from(
 def _check(bits: int, group_size: int, rounding: str) -> None:
     if bits not in BITS:
         raise ValueError(f"bits must be one of {BITS}, got {bits}")
-    if group_size < 8 or group_size % 8:
-        raise ValueError(f"group_size must be a positive multiple of 8, got {group_size}")
+    # One limit for every path, so that a group size that works without the C kernels works with them.
+    if not isinstance(group_size, int) or group_size < 8 or group_size % 8 or group_size > _native.MAX_GROUP:
+        raise ValueError(f"group_size must be a positive multiple of 8 of at most {_native.MAX_GROUP}, "
+                         f"got {group_size}")
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
 
@@ -237,7 +242,10 @@ def pack(
     step.
     """
     _check(bits, group_size, rounding)
-    if x.dtype == torch.float32 and group_size <= _native.MAX_GROUP and _native.usable(x):
+    if noise is not None and noise.numel() != -(-x.numel() // group_size) * group_size:
+        raise ValueError(f"noise must have one value per element of the padded groups "
+                         f"({-(-x.numel() // group_size) * group_size}), got {noise.numel()}")
+    if x.dtype == torch.float32 and _native.usable(x):
         return _pack_native(x, bits, group_size, rounding, noise)
     g = _groups(x, group_size)
     if g.dtype != torch.float32:
@@ -273,7 +281,10 @@ def pack(
                 keep |= ~nonneg[sl]
             codes.mul_(keep.view(torch.uint8))
         parts.append(_pack_codes(codes, bits))
-    data = parts[0] if len(parts) == 1 else torch.cat(parts)
+    if not parts:  # an empty tensor: no groups
+        data = torch.empty(0, group_size * bits // 8, dtype=torch.uint8, device=x.device)
+    else:
+        data = parts[0] if len(parts) == 1 else torch.cat(parts)
     return Packed(data, lo, step, x.shape, x.dtype, bits)
 
 
@@ -281,43 +292,39 @@ def _pack_native(
     x: torch.Tensor, bits: int, group_size: int, rounding: str, noise: torch.Tensor | None
 ) -> Packed:
     """:func:`pack` in two fused passes of the C kernels (min/max, then codes and packing)."""
-    lib = _native.kernels()
-    assert lib is not None
     x = x.detach()
     n = x.numel()
     groups = -(-n // group_size)
     lo_raw = torch.empty(groups, 1)
     hi_raw = torch.empty(groups, 1)
-    _native.parallel(lambda a, b: lib.gk_minmax(x.data_ptr(), n, group_size, a, b, lo_raw.data_ptr(),
-                                                hi_raw.data_ptr()), groups, n)
-    lo, step, inv, lo32 = _native_ranges(lib, lo_raw, hi_raw, bits, groups * group_size)
+    _native.minmax(x, group_size, lo_raw, hi_raw)
+    lo, step, inv, lo32 = _native_ranges(None, lo_raw, hi_raw, bits, groups * group_size)
     if rounding == "nearest":
-        mode, seed, noise_ptr = 0, 0, None
+        mode, seed = 0, 0
+        noise = None
     elif noise is not None:
         noise = noise.detach().float().contiguous()
-        mode, seed, noise_ptr = 2, 0, noise.data_ptr()
+        mode, seed = 2, 0
     else:
         # One draw from torch's generator seeds every group's stream: torch.manual_seed reproduces it.
-        mode, seed, noise_ptr = 1, int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)), None
+        mode, seed = 1, int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))
     data = torch.empty(groups, group_size * bits // 8, dtype=torch.uint8)
-    _native.parallel(lambda a, b: lib.gk_pack(x.data_ptr(), n, group_size, a, b, lo32.data_ptr(),
-                                              inv.data_ptr(), bits, mode, seed % 2**64, noise_ptr,
-                                              data.data_ptr()), groups, n)
-    return Packed(data, lo, step, x.shape, x.dtype, bits)
+    _native.pack(x, group_size, lo32, inv, bits, mode, seed, noise, data)
+    return Packed(data, lo, step, x.shape, x.dtype, bits, native=True)
 
 
 def _native_ranges(
     lib: Any, lo_raw: torch.Tensor, hi_raw: torch.Tensor, bits: int, numel: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`_ranges_from` in one C call (``gk_ranges``), falling back to torch without _Float16;
-    also returns ``lo`` as float32, which the codes are computed against."""
+    also returns ``lo`` as float32, which the codes are computed against. (``lib`` is unused: the
+    checked wrapper in :mod:`._native` finds the library.)"""
     groups = lo_raw.shape[0]
     lo32, step32, inv = torch.empty(groups, 1), torch.empty(groups, 1), torch.empty(groups, 1)
     lo16 = torch.empty(groups, 1, dtype=torch.float16)
     step16 = torch.empty(groups, 1, dtype=torch.float16)
-    half = lib.gk_ranges(lo_raw.data_ptr(), hi_raw.data_ptr(), groups, bits, int(numel >= _HALF_RANGES_MIN),
-                         _SAFETY, lo32.data_ptr(), step32.data_ptr(), lo16.data_ptr(), step16.data_ptr(),
-                         inv.data_ptr())
+    half = _native.ranges(lo_raw, hi_raw, bits, numel >= _HALF_RANGES_MIN, _SAFETY, lo32, step32, lo16, step16,
+                          inv)
     if half < 0:
         lo, step, inv = _ranges_from(lo_raw, hi_raw, bits, numel)
         return lo, step, inv, lo.float().contiguous()
@@ -332,6 +339,8 @@ def _random_bytes(n: int, device: torch.device) -> torch.Tensor:
 def _pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return codes
+    if codes.numel() == 0:  # the wider views below need a non-empty, aligned tensor
+        return codes.new_empty(codes.shape[0], codes.shape[1] * bits // 8)
     if not _LITTLE_ENDIAN:  # pragma: no cover - the wide-view trick assumes little-endian bytes
         per_byte = 8 // bits
         out = torch.zeros(codes.shape[0], codes.shape[1] // per_byte, dtype=torch.uint8)
@@ -372,7 +381,8 @@ def unpack(packed: Packed) -> torch.Tensor:
     """Fast decode, equal to :func:`unpack_reference` (block by block, as :func:`pack`)."""
     data = packed.data
     step, offset, floor = _decode_terms(packed)
-    if packed.dtype == torch.float32 and _native.usable(data):
+    # The path is the one that packed: the C kernels only decode what they wrote (group sizes they hold).
+    if packed.native and packed.dtype == torch.float32 and _native.usable(data):
         return _unpack_native(packed, step.contiguous(), offset.contiguous(), floor.contiguous())
     clamp = bool((packed.lo == 0).any())
     per_byte = 8 // packed.bits
@@ -391,13 +401,11 @@ def unpack(packed: Packed) -> torch.Tensor:
 def _unpack_native(
     packed: Packed, step: torch.Tensor, offset: torch.Tensor, floor: torch.Tensor
 ) -> torch.Tensor:
-    lib = _native.kernels()
-    assert lib is not None
     data = packed.data
     n, group_size = packed.shape.numel(), data.shape[1] * 8 // packed.bits
+    if data.dim() != 2 or data.shape[0] != -(-n // group_size):
+        raise ValueError(f"packed codes of shape {tuple(data.shape)} do not hold {n} elements in groups of "
+                         f"{group_size}")
     out = torch.empty(packed.shape)
-    _native.parallel(lambda a, b: lib.gk_unpack(data.data_ptr(), n, group_size, a, b, packed.bits,
-                                                step.data_ptr(), offset.data_ptr(), floor.data_ptr(),
-                                                out.data_ptr()),
-                     data.shape[0], n)
+    _native.unpack(data, n, group_size, packed.bits, step, offset, floor, out)
     return out
