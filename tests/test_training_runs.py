@@ -16,7 +16,6 @@ from gradkit.checkpoint import load_checkpoint
 from gradkit.cli import main
 from gradkit.data import Dataset
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
