@@ -16,6 +16,7 @@ __all__ = [
     "WorkerFailed",
     "PeerFailed",
     "PipelineError",
+    "KernelError",
 ]
 
 
@@ -68,3 +69,8 @@ class PeerFailed(GradkitError):
 class PipelineError(RuntimeError):
     """A message arrived for the wrong batch, or a schedule cannot make progress: a bug in a pipelined
     method or an executor, not bad input (so not a :class:`GradkitError`)."""
+
+
+class KernelError(ValueError):
+    """A native compression kernel was asked to work on sizes or buffers it cannot handle safely (the
+    checks before every C call; a bug or an unsupported tensor, not bad input)."""

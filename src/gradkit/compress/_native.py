@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from gradkit.errors import KernelError
+
 __all__ = ["MAX_GROUP", "KernelError", "kernels", "usable", "parallel", "minmax", "ranges", "pack", "unpack",
            "moments", "blpa_encode", "blpa_decode", "blpa_mask_sums", "blpa_grad_input"]
 
@@ -76,9 +78,6 @@ _ERRORS = {
     -8: "a plane's codes must fill whole bytes (H*W*bits a multiple of 8)",
 }
 
-
-class KernelError(ValueError):
-    """A native kernel was asked to work on sizes or buffers it cannot handle safely."""
 
 _lib: ctypes.CDLL | None = None
 _tried = False
