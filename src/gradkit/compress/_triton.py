@@ -1,0 +1,292 @@
+"""Fused Triton kernels for the compression path on CUDA: one launch per job, no host synchronisation.
+
+The CPU path (``_kernels.c``, cache-blocked torch passes) launches one operation per cache block and
+asks the host "any non-negative group?" per tensor; on a GPU that is hundreds of tiny kernels and a
+stall per tensor. Here:
+
+* :func:`pack`: two launches per tensor. The first takes every group's minimum and maximum and, when
+  the tensor is large enough for float16 ranges, clears a device flag (an atomic) if any group's
+  ranges do not fit float16; the second reads that flag on the device, computes the ranges exactly as
+  :func:`gradkit.compress._quant._ranges_from` does (float16 outward rounding included), then the
+  codes (scale, noise, round, the reserved exact-zero code of non-negative groups) and packs them.
+* :func:`unpack`: one launch.
+* :class:`BlpaPasses` and :func:`blpa_encode`: the BLPA unit's four passes (``_blpa.py``), one launch
+  each, per (sample, channel) plane.
+
+Stochastic rounding draws its uniforms with ``tl.rand`` (Philox, counter = element index) from a seed
+drawn once per tensor from torch's CPU generator, so ``torch.manual_seed`` reproduces a run. Tests pass
+their own uniforms (``noise``) instead and get the reference's codes exactly.
+
+Where the ranges are stored: the reference stores them as float16 when every group fits and the tensor
+has at least ``_HALF_RANGES_MIN`` elements, else float32. Which one is a property of the data, and
+choosing a dtype on the host would need a synchronisation, so this path always stores float32 tensors
+that hold the very values the reference stores (float16-rounded when it would store float16). Codes
+and decoded values are therefore those of the reference; ranges cost 8 bytes per group instead of 4
+(int4 with groups of 256: 0.531 instead of 0.516 bytes per element).
+
+Float arithmetic is kept in the reference's order and rounding: fp-contraction (fused multiply-add) is
+disabled at launch (``enable_fp_fusion=False``), divisions are correctly rounded (``div_rn``), and
+torch's ``scalar / tensor`` (reciprocal, then product) and, on CUDA, ``tensor / scalar`` (product with
+the scalar's reciprocal) are mirrored.
+
+``TRITON_INTERPRET=1`` (set before triton is imported) runs these kernels on CPU tensors: the tests
+call :func:`pack`, :func:`unpack` and the BLPA functions directly that way. The normal CPU dispatch
+never comes here.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from gradkit.compress._quant import _EPSILON, _HALF_RANGES_MIN, _SAFETY, BITS, Packed, _check
+
+__all__ = ["available", "pack", "unpack", "blpa_ok", "blpa_encode", "BlpaPasses"]
+
+try:  # pragma: no cover - depends on the environment
+    import triton
+    import triton.language as tl
+
+    _IMPORT_ERROR: str | None = None
+except Exception as exc:  # ImportError, or a broken install
+    triton = None  # type: ignore[assignment]
+    tl = None  # type: ignore[assignment]
+    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# Elements one program of the generic kernels handles (several groups of up to this size).
+_PROGRAM_ELEMENTS = 4096
+# Float32 above which a value is not a finite float16.
+_HALF_MAX = 65504.0
+_LAUNCH = {"enable_fp_fusion": False}
+
+
+def available() -> bool:
+    """Whether triton imports (the CUDA dispatch uses it then)."""
+    return triton is not None
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels can run on these tensors: CUDA ones, or any device under the interpreter."""
+    return triton is not None and all(t.is_cuda or _INTERPRET for t in tensors)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _seed() -> int:
+    """One draw from torch's CPU generator (no device synchronisation), < 2**31 for Philox."""
+    return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _half_ranges(lo, hi, levels):
+        """float16 ``lo`` rounded down and ``step`` rounded up (as float32 values), and whether they fit."""
+        lo16 = lo.to(tl.float16)
+        lo_bits = lo16.to(tl.int16, bitcast=True)
+        # nextafter(lo16, -inf): lo <= 0, so lo16 is <= 0 (or -0).
+        down = tl.where((lo_bits & 0x7FFF) == 0, -32767, lo_bits + 1).to(tl.int16)
+        lo16 = tl.where(lo16.to(tl.float32) > lo, down.to(tl.float16, bitcast=True), lo16)
+        lo_h = lo16.to(tl.float32)
+        step = tl.math.div_rn(hi - lo_h, levels)
+        step16 = step.to(tl.float16)
+        step_bits = step16.to(tl.int16, bitcast=True)
+        up = tl.where((step_bits & 0x7FFF) == 0, 1,
+                      tl.where(step_bits < 0, step_bits - 1, step_bits + 1)).to(tl.int16)
+        step16 = tl.where(step16.to(tl.float32) < step, up.to(tl.float16, bitcast=True), step16)
+        step_h = step16.to(tl.float32)
+        fits = (tl.abs(lo_h) <= _HALF_MAX) & (tl.abs(step_h) <= _HALF_MAX) & (
+            (step_h == 0.0) | (step_h >= 0.00006103515625))
+        return lo_h, step_h, fits
+
+    @triton.jit
+    def _minmax_kernel(x_ptr, n, groups, lo_ptr, hi_ptr, flag_ptr, GS: tl.constexpr, BLOCK: tl.constexpr,
+                       ROWS: tl.constexpr, LEVELS: tl.constexpr, HALF: tl.constexpr):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        rvalid = rows < groups
+        cols = tl.arange(0, BLOCK)
+        idx = rows.to(tl.int64)[:, None] * GS + cols[None, :]
+        valid = rvalid[:, None] & (cols[None, :] < GS) & (idx < n)
+        x = tl.load(x_ptr + idx, mask=valid, other=0.0).to(tl.float32)
+        mn = tl.min(tl.where(valid, x, float("inf")), axis=1)
+        mx = tl.max(tl.where(valid, x, float("-inf")), axis=1)
+        lo = tl.minimum(mn, 0.0)  # non-negative groups start at exactly 0
+        tl.store(lo_ptr + rows, lo, mask=rvalid)
+        tl.store(hi_ptr + rows, mx, mask=rvalid)
+        if HALF:
+            levels = tl.where(lo == 0.0, LEVELS - 1.0, LEVELS * 1.0)
+            _, _, fits = _half_ranges(lo, mx, levels)
+            all_fit = tl.min(tl.where(rvalid & ~fits, 0, 1), axis=0)
+            tl.atomic_min(flag_ptr, all_fit)
+
+    @triton.jit
+    def _pack_kernel(x_ptr, n, groups, lo_ptr, hi_ptr, flag_ptr, noise_ptr, seed, data_ptr, lo_out, step_out,
+                     GS: tl.constexpr, BYTES_BLOCK: tl.constexpr, PER_BYTE: tl.constexpr,
+                     BITS: tl.constexpr, ROWS: tl.constexpr, HALF: tl.constexpr, MODE: tl.constexpr,
+                     SAFETY: tl.constexpr):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        rvalid = rows < groups
+        lo = tl.load(lo_ptr + rows, mask=rvalid, other=0.0)
+        hi = tl.load(hi_ptr + rows, mask=rvalid, other=0.0)
+        LEVELS: tl.constexpr = (1 << BITS) - 1
+        levels = tl.where(lo == 0.0, LEVELS - 1.0, LEVELS * 1.0)
+        step = tl.math.div_rn(hi - lo, levels)
+        if HALF:
+            lo_h, step_h, _ = _half_ranges(lo, hi, levels)
+            use_half = tl.load(flag_ptr) != 0
+            lo = tl.where(use_half, lo_h, lo)
+            step = tl.where(use_half, step_h, step)
+        tl.store(lo_out + rows, lo, mask=rvalid)
+        tl.store(step_out + rows, step, mask=rvalid)
+        # torch's SAFETY / step is step.reciprocal() * SAFETY; a constant group's inv is 0.
+        inv = tl.where(step > 0.0, tl.math.div_rn(1.0, tl.maximum(step, 1.1754943508222875e-38)) * SAFETY, 0.0)
+        nonneg = lo == 0.0
+        shift = tl.where(nonneg, 1.0, 0.0)
+        j = tl.arange(0, BYTES_BLOCK)
+        k = tl.arange(0, PER_BYTE)
+        BYTES: tl.constexpr = GS // PER_BYTE
+        idx = rows.to(tl.int64)[:, None, None] * GS + j[None, :, None] * PER_BYTE + k[None, None, :]
+        valid = rvalid[:, None, None] & (j[None, :, None] < BYTES)
+        # Padding of the last group repeats the last value, as _quant._groups does.
+        x = tl.load(x_ptr + tl.minimum(idx, n - 1), mask=valid, other=0.0).to(tl.float32)
+        q = (x - lo[:, None, None]) * inv[:, None, None]
+        q = q + shift[:, None, None]
+        if MODE == 0:
+            q = q + 0.5
+        elif MODE == 1:
+            q = q + tl.rand(seed, idx)
+        else:
+            q = q + tl.load(noise_ptr + idx, mask=valid, other=0.0)
+        q = tl.minimum(tl.maximum(q, 0.0), LEVELS * 1.0)
+        codes = q.to(tl.int32)  # q >= 0: truncation is floor
+        # Exact zeros: in a non-negative group only zeros get code 0.
+        codes = tl.where(nonneg[:, None, None] & (x <= 0.0), 0, codes)
+        byte = tl.sum(codes << (k * BITS)[None, None, :], axis=2)
+        out = rows.to(tl.int64)[:, None] * BYTES + j[None, :]
+        tl.store(data_ptr + out, byte.to(tl.uint8), mask=rvalid[:, None] & (j[None, :] < BYTES))
+
+    @triton.jit
+    def _unpack_kernel(data_ptr, n, groups, lo_ptr, step_ptr, out_ptr, GS: tl.constexpr,
+                       BYTES_BLOCK: tl.constexpr, PER_BYTE: tl.constexpr, BITS: tl.constexpr,
+                       ROWS: tl.constexpr, SAFETY: tl.constexpr, EPSILON: tl.constexpr,
+                       RECIPROCAL: tl.constexpr, OUT_BF16: tl.constexpr):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        rvalid = rows < groups
+        lo = tl.load(lo_ptr + rows, mask=rvalid, other=0.0).to(tl.float32)
+        step = tl.load(step_ptr + rows, mask=rvalid, other=0.0).to(tl.float32)
+        if RECIPROCAL:  # torch's tensor / scalar on CUDA: a product with the scalar's reciprocal
+            step = step * (1.0 / SAFETY)
+        else:
+            step = tl.math.div_rn(step, SAFETY)
+        nonneg = lo == 0.0
+        offset = tl.where(nonneg, -(1.0 - EPSILON) * step, lo)
+        floor = tl.where(nonneg, 0.0, float("-inf"))
+        j = tl.arange(0, BYTES_BLOCK)
+        k = tl.arange(0, PER_BYTE)
+        BYTES: tl.constexpr = GS // PER_BYTE
+        src = rows.to(tl.int64)[:, None] * BYTES + j[None, :]
+        byte = tl.load(data_ptr + src, mask=rvalid[:, None] & (j[None, :] < BYTES), other=0).to(tl.int32)
+        codes = (byte[:, :, None] >> (k * BITS)[None, None, :]) & ((1 << BITS) - 1)
+        v = codes.to(tl.float32) * step[:, None, None]
+        v = v + offset[:, None, None]
+        v = tl.maximum(v, floor[:, None, None])
+        idx = rows.to(tl.int64)[:, None, None] * GS + j[None, :, None] * PER_BYTE + k[None, None, :]
+        valid = rvalid[:, None, None] & (j[None, :, None] < BYTES) & (idx < n)
+        if OUT_BF16:
+            # Round to nearest even by hand: the interpreter's float32 -> bfloat16 cast truncates.
+            b = v.to(tl.int32, bitcast=True)
+            b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+            tl.store(out_ptr + idx, b.to(tl.int16).to(tl.bfloat16, bitcast=True), mask=valid)
+        else:
+            tl.store(out_ptr + idx, v.to(out_ptr.dtype.element_ty), mask=valid)
+
+
+def _layout(group_size: int, bits: int) -> tuple[int, int, int]:
+    """(elements per row block, bytes per row block, groups per program)."""
+    block = _next_pow2(group_size)
+    per_byte = 8 // bits
+    rows = max(1, _PROGRAM_ELEMENTS // block)
+    return block, block // per_byte, rows
+
+
+def pack(
+    x: torch.Tensor,
+    bits: int,
+    *,
+    group_size: int = 256,
+    rounding: str = "stochastic",
+    noise: torch.Tensor | None = None,
+    seed: int | None = None,
+) -> Packed:
+    """:func:`gradkit.compress._quant.pack_reference`'s codes in two fused launches (see the module).
+
+    ``noise``: uniforms, one per element of the padded groups (the reference's argument); without it,
+    stochastic rounding draws Philox uniforms from ``seed`` (drawn from torch's generator when None).
+    """
+    _check(bits, group_size, rounding)
+    if triton is None:
+        raise RuntimeError(f"triton is not available ({_IMPORT_ERROR})")
+    x = x.detach()
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        x = x.float()
+    n = x.numel()
+    groups = -(-n // group_size)
+    device = x.device
+    per_byte = 8 // bits
+    block, bytes_block, rows = _layout(group_size, bits)
+    grid = (triton.cdiv(groups, rows),)
+    half = groups * group_size >= _HALF_RANGES_MIN
+    lo_raw = torch.empty(groups, 1, device=device)
+    hi_raw = torch.empty(groups, 1, device=device)
+    flag = torch.ones(1, dtype=torch.int32, device=device)
+    levels = 2**bits - 1
+    _minmax_kernel[grid](x, n, groups, lo_raw, hi_raw, flag, GS=group_size, BLOCK=block, ROWS=rows,
+                         LEVELS=levels, HALF=half, **_LAUNCH)
+    if rounding == "nearest":
+        mode, noise_arg, seed_arg = 0, lo_raw, 0
+    elif noise is not None:
+        noise_arg = noise.detach().to(device=device, dtype=torch.float32).contiguous()
+        if noise_arg.numel() != groups * group_size:
+            raise ValueError(f"noise needs {groups * group_size} values, got {noise_arg.numel()}")
+        mode, seed_arg = 2, 0
+    else:
+        mode, noise_arg, seed_arg = 1, lo_raw, _seed() if seed is None else seed
+    data = torch.empty(groups, group_size // per_byte, dtype=torch.uint8, device=device)
+    lo = torch.empty(groups, 1, device=device)
+    step = torch.empty(groups, 1, device=device)
+    _pack_kernel[grid](x, n, groups, lo_raw, hi_raw, flag, noise_arg, seed_arg, data, lo, step,
+                       GS=group_size, BYTES_BLOCK=bytes_block, PER_BYTE=per_byte, BITS=bits, ROWS=rows,
+                       HALF=half, MODE=mode, SAFETY=_SAFETY, **_LAUNCH)
+    return Packed(data, lo, step, x.shape, x.dtype, bits)
+
+
+def unpack(packed: Packed, *, reciprocal: bool | None = None) -> torch.Tensor:
+    """Decode ``packed`` in one launch: ``max(code·step + offset, floor)`` as the reference does.
+
+    ``reciprocal``: divide the stored step by ``_SAFETY`` as torch does on CUDA (a product with the
+    reciprocal) rather than on the CPU (a division); by default as on the packed tensor's device.
+    """
+    if triton is None:
+        raise RuntimeError(f"triton is not available ({_IMPORT_ERROR})")
+    data = packed.data
+    bits = packed.bits
+    group_size = data.shape[1] * 8 // bits
+    groups = data.shape[0]
+    block, bytes_block, rows = _layout(group_size, bits)
+    out = torch.empty(packed.shape, dtype=packed.dtype, device=data.device)
+    _unpack_kernel[(triton.cdiv(groups, rows),)](
+        data, packed.shape.numel(), groups, packed.lo, packed.step, out, GS=group_size,
+        BYTES_BLOCK=bytes_block, PER_BYTE=8 // bits, BITS=bits, ROWS=rows, SAFETY=_SAFETY,
+        EPSILON=_EPSILON, RECIPROCAL=data.is_cuda if reciprocal is None else reciprocal,
+        OUT_BF16=packed.dtype == torch.bfloat16, **_LAUNCH)
+    return out
+
+
+assert BITS == (2, 4, 8)
