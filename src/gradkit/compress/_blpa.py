@@ -73,6 +73,16 @@ def _native_ok(x: torch.Tensor, bits: int = 8) -> bool:
             and _native.usable(x))
 
 
+def _triton_ok(x: torch.Tensor, bits: int) -> bool:
+    """Whether the fused Triton passes run this unit: CUDA tensors when triton imports (the tests route
+    CPU tensors here under ``TRITON_INTERPRET=1`` by patching this function)."""
+    if not x.is_cuda:
+        return False
+    from gradkit.compress import _device, _triton
+
+    return _device.triton_enabled() and _triton.blpa_ok(x, bits)
+
+
 def _per_channel_sums(run: Callable[[int, int, int, int], None], x: torch.Tensor) -> tuple[Tensor, Tensor]:
     """Two per-channel float64 sums accumulated by ``run(begin, end, out1, out2)`` over sample ranges
     (one pair of accumulators per thread, added at the end)."""
@@ -120,6 +130,8 @@ _BLOCK_ELEMENTS = 65536
 
 def _blocks(x: torch.Tensor) -> list[slice]:
     """Slices of whole samples along dim 0, about ``_BLOCK_ELEMENTS`` elements each."""
+    if x.device.type != "cpu":  # one launch per pass on a GPU: cache blocks would be tiny kernels
+        return [slice(None)]
     per_sample = max(1, x[0].numel()) if x.shape[0] else 1
     n = max(1, _BLOCK_ELEMENTS // per_sample)
     return [slice(i, i + n) for i in range(0, x.shape[0], n)]
@@ -301,8 +313,14 @@ class _BNReLUConv(torch.autograd.Function):
         shift_y = torch.where(zero, beta, torch.zeros_like(beta)).view(shape)
         offset = (c_t - 1).view(shape)
         ctx.native = _native_ok(x, bits)
+        ctx.triton = not ctx.native and _triton_ok(x, bits)
         if ctx.native:
             y, data = _native_encode(x, a_v, b_v, scale_y, shift_y, offset, c_t, bits)
+            ctx.packed_bits = bits
+        elif ctx.triton:
+            from gradkit.compress import _triton
+
+            y, data = _triton.blpa_encode(x, a_v, b_v, scale_y, shift_y, offset, c_t, bits)
             ctx.packed_bits = bits
         else:
             y, data, ctx.packed_bits = _torch_encode(x, a_v, b_v, scale_y, shift_y, offset, c_t, bits)
@@ -323,8 +341,15 @@ class _BNReLUConv(torch.autograd.Function):
         s = ctx.bin_width
         shape = (1, -1, 1, 1)
         centre = c_t - 0.5
-        passes = (_NativeBackward(data, ctx.shape, centre, c_t, ctx.bits) if ctx.native
-                  else _TorchBackward(data, ctx.packed_bits, ctx.shape, centre, c_t, ctx.bits))
+        passes: Any
+        if ctx.native:
+            passes = _NativeBackward(data, ctx.shape, centre, c_t, ctx.bits)
+        elif ctx.triton:
+            from gradkit.compress import _triton
+
+            passes = _triton.BlpaPasses(data, ctx.shape, centre, c_t, ctx.bits)
+        else:
+            passes = _TorchBackward(data, ctx.packed_bits, ctx.shape, centre, c_t, ctx.bits)
         y = passes.decode(scale_y, shift_y)
         stride, padding, dilation, groups = ctx.conv
         need_x, need_g, need_b, need_w, need_bias = ctx.needs_input_grad[:5]

@@ -237,6 +237,10 @@ def pack(
     step.
     """
     _check(bits, group_size, rounding)
+    if x.device.type != "cpu":  # GPU: fused kernels, no blocks, no host syncs (_device.py)
+        from gradkit.compress import _device
+
+        return _device.pack(x, bits, group_size, rounding, noise)
     if x.dtype == torch.float32 and group_size <= _native.MAX_GROUP and _native.usable(x):
         return _pack_native(x, bits, group_size, rounding, noise)
     g = _groups(x, group_size)
@@ -371,6 +375,10 @@ def _unpack_codes(data: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack(packed: Packed) -> torch.Tensor:
     """Fast decode, equal to :func:`unpack_reference` (block by block, as :func:`pack`)."""
     data = packed.data
+    if data.device.type != "cpu":
+        from gradkit.compress import _device
+
+        return _device.unpack(packed)
     step, offset, floor = _decode_terms(packed)
     if packed.dtype == torch.float32 and _native.usable(data):
         return _unpack_native(packed, step.contiguous(), offset.contiguous(), floor.contiguous())

@@ -36,12 +36,11 @@ never comes here.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 
-from gradkit.compress._quant import _EPSILON, _HALF_RANGES_MIN, _SAFETY, BITS, Packed, _check
+from gradkit.compress._quant import _EPSILON, _HALF_RANGES_MIN, _SAFETY, Packed, _check
 
 __all__ = ["available", "pack", "unpack", "blpa_ok", "blpa_encode", "BlpaPasses"]
 
@@ -289,4 +288,200 @@ def unpack(packed: Packed, *, reciprocal: bool | None = None) -> torch.Tensor:
     return out
 
 
-assert BITS == (2, 4, 8)
+
+# -- BLPA (BatchNorm -> ReLU -> Conv, _blpa.py): one program per (sample, channel) plane ----------------
+if triton is not None:
+
+    @triton.jit
+    def _blpa_values(byte, k, centre, ct, BITS: tl.constexpr):
+        """Codes and v (bin centre relative to the threshold, in bins) of a block of packed bytes, with
+        the reserved end codes of channels whose threshold lies outside the window (_blpa)."""
+        LEVELS: tl.constexpr = (1 << BITS) - 1
+        codes = (byte[:, None] >> (k * BITS)[None, :]) & LEVELS
+        v = codes.to(tl.float32) - centre
+        # (nested where: the interpreter cannot `&` a scalar condition with a block)
+        v = tl.where(ct < 1.0, tl.where(codes == 0, -0.5, v), v)
+        v = tl.where(ct > LEVELS * 1.0, tl.where(codes == LEVELS, 0.5, v), v)
+        return v
+
+    @triton.jit
+    def _blpa_encode_kernel(x_ptr, a_ptr, b_ptr, sy_ptr, hy_ptr, off_ptr, ct_ptr, y_ptr, data_ptr, C, HW,
+                            BITS: tl.constexpr, PER_BYTE: tl.constexpr, BYTES_BLOCK: tl.constexpr):
+        plane = tl.program_id(0)
+        c = plane % C
+        a = tl.load(a_ptr + c)
+        b = tl.load(b_ptr + c)
+        sy = tl.load(sy_ptr + c)
+        hy = tl.load(hy_ptr + c)
+        off = tl.load(off_ptr + c)
+        ct = tl.load(ct_ptr + c)
+        LEVELS: tl.constexpr = (1 << BITS) - 1
+        low = ct < 1.0
+        high = ct > LEVELS * 1.0
+        j = tl.arange(0, BYTES_BLOCK)
+        k = tl.arange(0, PER_BYTE)
+        base = plane.to(tl.int64) * HW
+        for i0 in range(0, HW, BYTES_BLOCK * PER_BYTE):
+            i = i0 + j[:, None] * PER_BYTE + k[None, :]
+            valid = i < HW
+            x = tl.load(x_ptr + base + i, mask=valid, other=0.0)
+            v = tl.fma(x, a, b)
+            t = tl.fma(v, sy, hy)
+            tl.store(y_ptr + base + i, tl.where(t > 0.0, t, 0.0), mask=valid)
+            kk = tl.minimum(tl.maximum(tl.math.ceil(v) + off, 0.0), LEVELS * 1.0)
+            code = kk.to(tl.int32)
+            code = tl.where(low, tl.where(v > 0.0, tl.maximum(code, 1), 0), code)
+            code = tl.where(high, tl.where(v > 0.0, LEVELS, tl.minimum(code, LEVELS - 1)), code)
+            byte = tl.sum(code << (k * BITS)[None, :], axis=1)
+            jb = i0 // PER_BYTE + j
+            tl.store(data_ptr + base // PER_BYTE + jb, byte.to(tl.uint8), mask=jb < HW // PER_BYTE)
+
+    @triton.jit
+    def _blpa_decode_kernel(data_ptr, centre_ptr, ct_ptr, sy_ptr, hy_ptr, y_ptr, C, HW, BITS: tl.constexpr,
+                            PER_BYTE: tl.constexpr, BYTES_BLOCK: tl.constexpr):
+        plane = tl.program_id(0)
+        c = plane % C
+        centre = tl.load(centre_ptr + c)
+        ct = tl.load(ct_ptr + c)
+        sy = tl.load(sy_ptr + c)
+        hy = tl.load(hy_ptr + c)
+        j = tl.arange(0, BYTES_BLOCK)
+        k = tl.arange(0, PER_BYTE)
+        base = plane.to(tl.int64) * HW
+        for i0 in range(0, HW, BYTES_BLOCK * PER_BYTE):
+            jb = i0 // PER_BYTE + j
+            byte = tl.load(data_ptr + base // PER_BYTE + jb, mask=jb < HW // PER_BYTE, other=0).to(tl.int32)
+            v = _blpa_values(byte, k, centre, ct, BITS)
+            t = tl.fma(v, sy, hy)
+            i = i0 + j[:, None] * PER_BYTE + k[None, :]
+            tl.store(y_ptr + base + i, tl.where(t > 0.0, t, 0.0), mask=i < HW)
+
+    @triton.jit
+    def _blpa_mask_sums_kernel(g_ptr, y_ptr, data_ptr, centre_ptr, ct_ptr, sums_ptr, C, HW, BITS: tl.constexpr,
+                               PER_BYTE: tl.constexpr, BYTES_BLOCK: tl.constexpr):
+        plane = tl.program_id(0)
+        c = plane % C
+        centre = tl.load(centre_ptr + c)
+        ct = tl.load(ct_ptr + c)
+        j = tl.arange(0, BYTES_BLOCK)
+        k = tl.arange(0, PER_BYTE)
+        base = plane.to(tl.int64) * HW
+        acc_g = tl.zeros((BYTES_BLOCK, PER_BYTE), dtype=tl.float64)
+        acc_gv = tl.zeros((BYTES_BLOCK, PER_BYTE), dtype=tl.float64)
+        for i0 in range(0, HW, BYTES_BLOCK * PER_BYTE):
+            jb = i0 // PER_BYTE + j
+            byte = tl.load(data_ptr + base // PER_BYTE + jb, mask=jb < HW // PER_BYTE, other=0).to(tl.int32)
+            v = _blpa_values(byte, k, centre, ct, BITS)
+            i = i0 + j[:, None] * PER_BYTE + k[None, :]
+            valid = i < HW
+            g = tl.load(g_ptr + base + i, mask=valid, other=0.0)
+            y = tl.load(y_ptr + base + i, mask=valid, other=0.0)
+            gz = tl.where(y > 0.0, g, 0.0)
+            tl.store(g_ptr + base + i, gz, mask=valid)
+            acc_g += gz.to(tl.float64)
+            acc_gv += (gz * v).to(tl.float64)
+        tl.store(sums_ptr + plane * 2, tl.sum(tl.sum(acc_g, axis=1), axis=0))
+        tl.store(sums_ptr + plane * 2 + 1, tl.sum(tl.sum(acc_gv, axis=1), axis=0))
+
+    @triton.jit
+    def _blpa_grad_input_kernel(g_ptr, data_ptr, centre_ptr, ct_ptr, xs_ptr, xt_ptr, mg_ptr, mgx_ptr, k_ptr, C,
+                                HW, BITS: tl.constexpr, PER_BYTE: tl.constexpr, BYTES_BLOCK: tl.constexpr):
+        plane = tl.program_id(0)
+        c = plane % C
+        centre = tl.load(centre_ptr + c)
+        ct = tl.load(ct_ptr + c)
+        s = tl.load(xs_ptr + c)
+        t = tl.load(xt_ptr + c)
+        mg = tl.load(mg_ptr + c)
+        mgx = tl.load(mgx_ptr + c)
+        kk = tl.load(k_ptr + c)
+        j = tl.arange(0, BYTES_BLOCK)
+        k = tl.arange(0, PER_BYTE)
+        base = plane.to(tl.int64) * HW
+        for i0 in range(0, HW, BYTES_BLOCK * PER_BYTE):
+            jb = i0 // PER_BYTE + j
+            byte = tl.load(data_ptr + base // PER_BYTE + jb, mask=jb < HW // PER_BYTE, other=0).to(tl.int32)
+            v = _blpa_values(byte, k, centre, ct, BITS)
+            i = i0 + j[:, None] * PER_BYTE + k[None, :]
+            valid = i < HW
+            g = tl.load(g_ptr + base + i, mask=valid, other=0.0)
+            xhat = tl.fma(v, s, t)
+            g = (g - mg) - xhat * mgx
+            tl.store(g_ptr + base + i, g * kk, mask=valid)
+
+
+# Elements per chunk of a plane in the BLPA kernels.
+_BLPA_CHUNK = 1024
+
+
+def blpa_ok(x: torch.Tensor, bits: int) -> bool:
+    """Whether the Triton BLPA passes can run this unit: float32 NCHW on CUDA (or the interpreter),
+    whole bytes per (sample, channel) plane."""
+    return (usable(x) and x.dtype == torch.float32 and x.dim() == 4
+            and (x.shape[2] * x.shape[3] * bits) % 8 == 0)
+
+
+def _blpa_layout(hw: int, bits: int) -> tuple[int, int]:
+    per_byte = 8 // bits
+    chunk = min(_BLPA_CHUNK, _next_pow2(hw))
+    return per_byte, max(1, chunk // per_byte)
+
+
+def _vec(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).float().contiguous()
+
+
+def blpa_encode(
+    x: torch.Tensor, a_v: torch.Tensor, b_v: torch.Tensor, scale_y: torch.Tensor, shift_y: torch.Tensor,
+    offset: torch.Tensor, c_t: torch.Tensor, bits: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The conv input ``y`` and the packed codes of one unit, in one launch (``gk_blpa_encode``)."""
+    assert triton is not None
+    x = x.contiguous()
+    n, c, hw = x.shape[0], x.shape[1], x.shape[2] * x.shape[3]
+    per_byte, bytes_block = _blpa_layout(hw, bits)
+    y = torch.empty_like(x)
+    data = torch.empty(1, x.numel() * bits // 8, dtype=torch.uint8, device=x.device)
+    _blpa_encode_kernel[(n * c,)](x, *(_vec(t) for t in (a_v, b_v, scale_y, shift_y, offset, c_t)), y, data, c,
+                                  hw, BITS=bits, PER_BYTE=per_byte, BYTES_BLOCK=bytes_block, **_LAUNCH)
+    return y, data
+
+
+class BlpaPasses:
+    """The backward passes of one BLPA unit, one launch each (as ``_blpa._NativeBackward``): v is
+    re-read from the packed codes every time instead of being held as a float tensor."""
+
+    def __init__(self, data: torch.Tensor, shape: torch.Size, centre: torch.Tensor, c_t: torch.Tensor,
+                 bits: int) -> None:
+        self.data, self.shape, self.bits = data, shape, bits
+        self.centre, self.c_t = _vec(centre), _vec(c_t)
+        self.c, self.hw = shape[1], shape[2] * shape[3]
+        self.planes = shape[0] * shape[1]
+        self.per_byte, self.bytes_block = _blpa_layout(self.hw, bits)
+
+    def _meta(self) -> dict[str, int | bool]:
+        return {"BITS": self.bits, "PER_BYTE": self.per_byte, "BYTES_BLOCK": self.bytes_block, **_LAUNCH}
+
+    def decode(self, scale_y: torch.Tensor, shift_y: torch.Tensor) -> torch.Tensor:
+        """The conv input ``y`` from the codes."""
+        y = torch.empty(self.shape, device=self.data.device)
+        _blpa_decode_kernel[(self.planes,)](self.data, self.centre, self.c_t, _vec(scale_y), _vec(shift_y), y,
+                                            self.c, self.hw, **self._meta())
+        return y
+
+    def mask_sums(self, grad_y: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor,
+                                                                                              torch.Tensor]:
+        """Applies the ReLU mask to ``grad_y`` in place; returns per-channel Σ g and Σ g·v (float64
+        accumulation per plane, then over samples)."""
+        sums = torch.empty(self.shape[0], self.c, 2, dtype=torch.float64, device=grad_y.device)
+        _blpa_mask_sums_kernel[(self.planes,)](grad_y, y, self.data, self.centre, self.c_t, sums, self.c,
+                                               self.hw, **self._meta())
+        total = sums.sum(0).to(dtype)
+        return total[:, 0], total[:, 1]
+
+    def grad_input(self, g: torch.Tensor, xs: torch.Tensor, xt: torch.Tensor, m_g: torch.Tensor,
+                   m_gx: torch.Tensor, k: torch.Tensor) -> None:
+        """The BatchNorm input gradient ``(g - m_g - x̂·m_gx)·k``, in place on ``g``."""
+        _blpa_grad_input_kernel[(self.planes,)](g, self.data, self.centre, self.c_t,
+                                                *(_vec(t) for t in (xs, xt, m_g, m_gx, k)), self.c, self.hw,
+                                                **self._meta())
