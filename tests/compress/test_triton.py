@@ -15,7 +15,7 @@ from torch import nn
 
 pytest.importorskip("triton")
 
-from gradkit.compress import _blpa, _device, _quant, _triton, bn_relu_conv  # noqa: E402
+from gradkit.compress import _blpa, _quant, _triton, bn_relu_conv  # noqa: E402
 
 if not _triton._INTERPRET and not torch.cuda.is_available():
     pytest.skip("triton was imported before TRITON_INTERPRET was set, and there is no GPU",
@@ -94,20 +94,6 @@ def test_group_sizes_and_half_inputs(group_size: int, dtype: torch.dtype) -> Non
         out = _triton.unpack(tri)
         assert out.dtype == dtype
         _assert_same_decode(_quant.unpack_reference(ref), out)
-
-
-def test_torch_device_path_equals_reference() -> None:
-    """The fallback for CUDA without triton (whole-tensor ops, decisions on the device)."""
-    g = torch.Generator().manual_seed(5)
-    for name, x in _inputs().items():
-        x = x.to(DEVICE)
-        for bits in (2, 4, 8):
-            noise = torch.rand(-(-x.numel() // 256) * 256, generator=g).to(DEVICE)
-            ref = _quant.pack_reference(x, bits, noise=noise)
-            dev = _device.pack_torch(x, bits, 256, "stochastic", noise)
-            assert torch.equal(ref.data, dev.data), name
-            assert torch.equal(ref.lo.float(), dev.lo) and torch.equal(ref.step.float(), dev.step), name
-            _assert_same_decode(_quant.unpack_reference(ref), _device.unpack_torch(dev))
 
 
 def test_philox_noise_reproducible_and_unbiased() -> None:

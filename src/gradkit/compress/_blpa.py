@@ -138,13 +138,29 @@ def _blocks(x: torch.Tensor) -> list[slice]:
 
 
 def _outside(c_t: torch.Tensor, levels: int) -> bool:
+    """Whether a channel's threshold lies outside the window. Asked on the CPU only: off it the answer
+    would stall the host, so the fix-ups run on every channel there (see :func:`_host_decides`)."""
+    if not _host_decides(c_t):
+        return True
     return bool(((c_t < 1) | (c_t > levels)).any())
+
+
+def _host_decides(t: torch.Tensor) -> bool:
+    """Whether the torch path may read device values to skip work (yes on the CPU, where it is free)."""
+    return t.device.type == "cpu"
 
 
 def _fix_outside_codes(codes: torch.Tensor, above: torch.Tensor, c_t: torch.Tensor, levels: int) -> None:
     """Channels whose threshold lies outside the ±3 window keep the window for x̂ and reserve an end
     code for the far side of the threshold: code 0 means "at or below t" when t is below the window,
-    code ``levels`` "above t" when t is above it. Rare, so done on those channels only."""
+    code ``levels`` "above t" when t is above it. Rare, so done on those channels only (on the CPU;
+    elsewhere on all channels with per-channel masks, without asking the host which)."""
+    if not _host_decides(codes):
+        low = (c_t < 1).view(1, -1, 1, 1)
+        high = (c_t > levels).view(1, -1, 1, 1)
+        fixed = torch.where(low, torch.where(above, codes.clamp_min(1), 0.0), codes)
+        codes.copy_(torch.where(high, torch.where(above, float(levels), fixed.clamp_max(levels - 1)), fixed))
+        return
     low = (c_t < 1).nonzero().flatten()
     if low.numel():
         sub = codes[:, low]
@@ -157,6 +173,11 @@ def _fix_outside_codes(codes: torch.Tensor, above: torch.Tensor, c_t: torch.Tens
 
 def _fix_outside_values(v: torch.Tensor, codes: torch.Tensor, c_t: torch.Tensor, levels: int) -> None:
     """Decode the reserved end codes of :func:`_fix_outside_codes` just across the threshold."""
+    if not _host_decides(v):
+        low = (c_t < 1).view(1, -1, 1, 1) & (codes == 0)
+        high = (c_t > levels).view(1, -1, 1, 1) & (codes == levels)
+        v.copy_(torch.where(low, -0.5, torch.where(high, 0.5, v)))
+        return
     low = (c_t < 1).nonzero().flatten()
     if low.numel():
         v[:, low] = torch.where(codes[:, low] == 0, -0.5, v[:, low])
