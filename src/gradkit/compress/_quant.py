@@ -21,6 +21,8 @@ for clarity (one code per byte position), and :func:`pack` / :func:`unpack`, whi
 kernels of ``_kernels.c`` when they can be built (:mod:`gradkit.compress._native`) and otherwise
 cache-blocked torch passes with bit tricks on wider integer views. All three perform the same float
 operations in the same order, so for the same noise they agree bit for bit; tests hold them to it.
+Tensors off the CPU go to :mod:`gradkit.compress._device` instead (fused Triton kernels on CUDA, no
+cache blocks, no host synchronisation), which computes the same codes.
 """
 
 from __future__ import annotations

@@ -103,7 +103,8 @@ if triton is not None:
             (step_h == 0.0) | (step_h >= 0.00006103515625))
         return lo_h, step_h, fits
 
-    @triton.jit
+    # Sizes and seeds vary per tensor: no recompilation for each (only the layout is specialised).
+    @triton.jit(do_not_specialize=["n", "groups"])
     def _minmax_kernel(x_ptr, n, groups, lo_ptr, hi_ptr, flag_ptr, GS: tl.constexpr, BLOCK: tl.constexpr,
                        ROWS: tl.constexpr, LEVELS: tl.constexpr, HALF: tl.constexpr):
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -123,7 +124,7 @@ if triton is not None:
             all_fit = tl.min(tl.where(rvalid & ~fits, 0, 1), axis=0)
             tl.atomic_min(flag_ptr, all_fit)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n", "groups", "seed"])
     def _pack_kernel(x_ptr, n, groups, lo_ptr, hi_ptr, flag_ptr, noise_ptr, seed, data_ptr, lo_out, step_out,
                      GS: tl.constexpr, BYTES_BLOCK: tl.constexpr, PER_BYTE: tl.constexpr,
                      BITS: tl.constexpr, ROWS: tl.constexpr, HALF: tl.constexpr, MODE: tl.constexpr,
@@ -169,7 +170,7 @@ if triton is not None:
         out = rows.to(tl.int64)[:, None] * BYTES + j[None, :]
         tl.store(data_ptr + out, byte.to(tl.uint8), mask=rvalid[:, None] & (j[None, :] < BYTES))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n", "groups"])
     def _unpack_kernel(data_ptr, n, groups, lo_ptr, step_ptr, out_ptr, GS: tl.constexpr,
                        BYTES_BLOCK: tl.constexpr, PER_BYTE: tl.constexpr, BITS: tl.constexpr,
                        ROWS: tl.constexpr, SAFETY: tl.constexpr, EPSILON: tl.constexpr,
@@ -304,7 +305,7 @@ if triton is not None:
         v = tl.where(ct > LEVELS * 1.0, tl.where(codes == LEVELS, 0.5, v), v)
         return v
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["C"])
     def _blpa_encode_kernel(x_ptr, a_ptr, b_ptr, sy_ptr, hy_ptr, off_ptr, ct_ptr, y_ptr, data_ptr, C, HW,
                             BITS: tl.constexpr, PER_BYTE: tl.constexpr, BYTES_BLOCK: tl.constexpr):
         plane = tl.program_id(0)
@@ -336,7 +337,7 @@ if triton is not None:
             jb = i0 // PER_BYTE + j
             tl.store(data_ptr + base // PER_BYTE + jb, byte.to(tl.uint8), mask=jb < HW // PER_BYTE)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["C"])
     def _blpa_decode_kernel(data_ptr, centre_ptr, ct_ptr, sy_ptr, hy_ptr, y_ptr, C, HW, BITS: tl.constexpr,
                             PER_BYTE: tl.constexpr, BYTES_BLOCK: tl.constexpr):
         plane = tl.program_id(0)
@@ -356,7 +357,7 @@ if triton is not None:
             i = i0 + j[:, None] * PER_BYTE + k[None, :]
             tl.store(y_ptr + base + i, tl.where(t > 0.0, t, 0.0), mask=i < HW)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["C"])
     def _blpa_mask_sums_kernel(g_ptr, y_ptr, data_ptr, centre_ptr, ct_ptr, sums_ptr, C, HW, BITS: tl.constexpr,
                                PER_BYTE: tl.constexpr, BYTES_BLOCK: tl.constexpr):
         plane = tl.program_id(0)
@@ -383,7 +384,7 @@ if triton is not None:
         tl.store(sums_ptr + plane * 2, tl.sum(tl.sum(acc_g, axis=1), axis=0))
         tl.store(sums_ptr + plane * 2 + 1, tl.sum(tl.sum(acc_gv, axis=1), axis=0))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["C"])
     def _blpa_grad_input_kernel(g_ptr, data_ptr, centre_ptr, ct_ptr, xs_ptr, xt_ptr, mg_ptr, mgx_ptr, k_ptr, C,
                                 HW, BITS: tl.constexpr, PER_BYTE: tl.constexpr, BYTES_BLOCK: tl.constexpr):
         plane = tl.program_id(0)
