@@ -191,3 +191,74 @@ def test_blpa_passes_equal_the_fused_c_kernels(bits: int, monkeypatch: pytest.Mo
     assert torch.equal(data_ref, data_tri)
     for a, b in zip(ref, tri, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+_COMPILE_SCRIPT = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from gradkit.compress import _triton as T
+
+P32, PU8 = "*fp32", "*u8"
+
+
+def compile_ptx(fn, signature, constexprs):
+    full = {**signature, **{k: "constexpr" for k in constexprs}}
+    kernel = triton.compile(ASTSource(fn, full, constexprs), target=GPUTarget("cuda", 90, 32),
+                            options={"enable_fp_fusion": False})
+    return kernel.asm["ptx"]
+
+
+block, bytes_block, rows = T._layout(256, 4)
+compile_ptx(T._minmax_kernel, {"x_ptr": "*bf16", "n": "i64", "groups": "i64", "lo_ptr": P32, "hi_ptr": P32,
+                               "flag_ptr": "*i32"},
+            {"GS": 256, "BLOCK": block, "ROWS": rows, "LEVELS": 15, "HALF": True})
+pack = compile_ptx(T._pack_kernel, {"x_ptr": P32, "n": "i64", "groups": "i64", "lo_ptr": P32, "hi_ptr": P32,
+                                    "flag_ptr": "*i32", "noise_ptr": P32, "seed": "i64", "data_ptr": PU8,
+                                    "lo_out": P32, "step_out": P32},
+                   {"GS": 256, "BYTES_BLOCK": bytes_block, "PER_BYTE": 2, "BITS": 4, "ROWS": rows, "HALF": True,
+                    "MODE": 1, "SAFETY": T._SAFETY})
+unpack = compile_ptx(T._unpack_kernel, {"data_ptr": PU8, "n": "i64", "groups": "i64", "lo_ptr": P32,
+                                        "step_ptr": P32, "out_ptr": "*bf16"},
+                     {"GS": 256, "BYTES_BLOCK": bytes_block, "PER_BYTE": 2, "BITS": 4, "ROWS": rows,
+                      "SAFETY": T._SAFETY, "EPSILON": T._EPSILON, "RECIPROCAL": True, "OUT_BF16": True})
+# The reference rounds every product and sum separately, and divides exactly.
+assert "fma.rn.f32" not in pack and "fma.rn.f32" not in unpack
+assert "div.rn.f32" in pack and "div.full.f32" not in pack
+per_byte, bb = T._blpa_layout(1024, 4)
+meta = {"BITS": 4, "PER_BYTE": per_byte, "BYTES_BLOCK": bb}
+plane = {"C": "i32", "HW": "i32"}
+compile_ptx(T._blpa_encode_kernel, {**{k: P32 for k in ("x_ptr", "a_ptr", "b_ptr", "sy_ptr", "hy_ptr", "off_ptr",
+                                                         "ct_ptr", "y_ptr")}, "data_ptr": PU8, **plane}, meta)
+compile_ptx(T._blpa_decode_kernel, {"data_ptr": PU8, **{k: P32 for k in ("centre_ptr", "ct_ptr", "sy_ptr",
+                                                                          "hy_ptr", "y_ptr")}, **plane}, meta)
+compile_ptx(T._blpa_mask_sums_kernel, {"g_ptr": P32, "y_ptr": P32, "data_ptr": PU8, "centre_ptr": P32,
+                                       "ct_ptr": P32, "sums_ptr": "*fp64", **plane}, meta)
+compile_ptx(T._blpa_grad_input_kernel, {"g_ptr": P32, "data_ptr": PU8, **{k: P32 for k in (
+    "centre_ptr", "ct_ptr", "xs_ptr", "xt_ptr", "mg_ptr", "mgx_ptr", "k_ptr")}, **plane}, meta)
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_a_gpu_without_one(tmp_path: object) -> None:
+    """The interpreter forgives what the compiler does not (Python globals in a kernel, scalar/block
+    type mixes): every kernel is compiled ahead of time for sm_90 (Triton's own ptxas, no GPU needed),
+    in a subprocess without TRITON_INTERPRET, and the pack/unpack PTX has no fused multiply-add and an
+    exact division, as the reference's float operations require."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    src = str(Path(_triton.__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=300)
+    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
+        pytest.skip("this triton install has no ptxas")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "compiled" in proc.stdout

@@ -57,8 +57,6 @@ except Exception as exc:  # ImportError, or a broken install
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # Elements one program of the generic kernels handles (several groups of up to this size).
 _PROGRAM_ELEMENTS = 4096
-# Float32 above which a value is not a finite float16.
-_HALF_MAX = 65504.0
 _LAUNCH = {"enable_fp_fusion": False}
 
 
@@ -99,7 +97,8 @@ if triton is not None:
                       tl.where(step_bits < 0, step_bits - 1, step_bits + 1)).to(tl.int16)
         step16 = tl.where(step16.to(tl.float32) < step, up.to(tl.float16, bitcast=True), step16)
         step_h = step16.to(tl.float32)
-        fits = (tl.abs(lo_h) <= _HALF_MAX) & (tl.abs(step_h) <= _HALF_MAX) & (
+        # 65504: the largest finite float16 (a literal: compiled kernels cannot read Python globals)
+        fits = (tl.abs(lo_h) <= 65504.0) & (tl.abs(step_h) <= 65504.0) & (
             (step_h == 0.0) | (step_h >= 0.00006103515625))
         return lo_h, step_h, fits
 
