@@ -79,9 +79,9 @@ def test_codes_and_ranges_equal_reference_for_same_noise(bits: int, rounding: st
         assert _triton.unpack(tri).shape == x.shape
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("group_size", [8, 24, 1024])
-def test_group_sizes_and_half_inputs(group_size: int, dtype: torch.dtype) -> None:
+def test_group_sizes_and_other_dtypes(group_size: int, dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(group_size)
     x = torch.randn(5, 333, generator=g)
     x[0] = x[0].relu()

@@ -4,7 +4,7 @@ The CPU path (``_kernels.c``, cache-blocked torch passes) launches one operation
 asks the host "any non-negative group?" per tensor; on a GPU that is hundreds of tiny kernels and a
 stall per tensor. Here:
 
-* :func:`pack`: two launches per tensor. The first takes every group's minimum and maximum and, when
+* :func:`pack`: two kernels per tensor (and a one-element fill). The first takes every group's minimum and maximum and, when
   the tensor is large enough for float16 ranges, clears a device flag (an atomic) if any group's
   ranges do not fit float16; the second reads that flag on the device, computes the ranges exactly as
   :func:`gradkit.compress._quant._ranges_from` does (float16 outward rounding included), then the
@@ -231,6 +231,7 @@ def pack(
     if triton is None:
         raise RuntimeError(f"triton is not available ({_IMPORT_ERROR})")
     x = x.detach()
+    shape, dtype = x.shape, x.dtype  # decoded back to these
     if not x.is_contiguous():
         x = x.contiguous()
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -263,7 +264,7 @@ def pack(
     _pack_kernel[grid](x, n, groups, lo_raw, hi_raw, flag, noise_arg, seed_arg, data, lo, step,
                        GS=group_size, BYTES_BLOCK=bytes_block, PER_BYTE=per_byte, BITS=bits, ROWS=rows,
                        HALF=half, MODE=mode, SAFETY=_SAFETY, **_LAUNCH)
-    return Packed(data, lo, step, x.shape, x.dtype, bits)
+    return Packed(data, lo, step, shape, dtype, bits)
 
 
 def unpack(packed: Packed, *, reciprocal: bool | None = None) -> torch.Tensor:
