@@ -59,7 +59,10 @@ def test_triton_codes_equal_reference_on_cuda(bits: int, dtype: torch.dtype) -> 
             fast = _quant.pack(x, bits, rounding=rounding, noise=noise)  # dispatches to Triton
             assert torch.equal(ref.data, fast.data), (name, rounding)
             assert torch.equal(ref.lo.float(), fast.lo) and torch.equal(ref.step.float(), fast.step), name
-            torch.testing.assert_close(_quant.unpack(fast), _quant.unpack_reference(ref), rtol=2e-7, atol=0)
+            # Decoded values: the same float32 operations; a different rounding of torch's own CUDA kernels
+            # (e.g. its division by a scalar) may move one float32 ulp, i.e. one bfloat16 ulp at worst.
+            rtol = 2.5e-7 if dtype == torch.float32 else 2.0**-7
+            torch.testing.assert_close(_quant.unpack(fast), _quant.unpack_reference(ref), rtol=rtol, atol=0)
 
 
 @pytest.mark.parametrize("path", ["triton", "torch"])
