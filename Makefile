@@ -3,6 +3,10 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 # A bare `torch` requirement pulls several GB of CUDA wheels; pin the CPU build when torch is missing.
 TORCH_PIN ?= torch==2.13.0
+# Triton runs the CUDA compression kernels; without a GPU its interpreter runs them in the tests. The
+# wheel is large (~290 MB, ~1 GB installed), so it is pinned here rather than in the dev extras, and
+# left alone when present (CUDA builds of torch bring their own matching triton).
+TRITON_PIN ?= triton==3.9.0
 # A new folder per run: a finished demo is never overwritten, and `make demo` can be run again.
 DEMO_OUT ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
@@ -10,6 +14,7 @@ DEMO_OUT ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_PIN)"
+	@$(PYTHON) -c "import triton" 2>/dev/null || $(PIP) install --quiet "$(TRITON_PIN)"
 	@$(PIP) install --quiet --disable-pip-version-check -e ".[dev]"
 
 # The main job: backprop, Features Replay, DDG, DNI and hybrid likelihood-ratio training side by side on

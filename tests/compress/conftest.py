@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
+import torch
+
+# Without a GPU, Triton's interpreter runs the Triton kernels on CPU tensors (test_triton.py calls them
+# directly; the normal CPU dispatch never does). It must be chosen before triton is first imported.
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

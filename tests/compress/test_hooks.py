@@ -60,7 +60,7 @@ def test_shared_storage_decoded_once_for_both_readers(monkeypatch: pytest.Monkey
     with comp:
         out = model(torch.randn(32, 64))
         # Only the ReLU output is an activation here (the input is a leaf); ReLU and Linear both save it.
-        assert [v[1].readers for v in comp._seen.values()] == [2]
+        assert [v[1]().readers for v in comp._seen.values()] == [2]
     out.sum().backward()
     assert len(calls) == 1
 

@@ -72,6 +72,16 @@ def _native_ok(x: torch.Tensor, bits: int = 8) -> bool:
             and _native.usable(x))
 
 
+def _triton_ok(x: torch.Tensor, bits: int) -> bool:
+    """Whether the fused Triton passes run this unit: CUDA tensors when triton imports (the tests route
+    CPU tensors here under ``TRITON_INTERPRET=1`` by patching this function)."""
+    if not x.is_cuda:
+        return False
+    from gradkit.compress import _device, _triton
+
+    return _device.triton_enabled() and _triton.blpa_ok(x, bits)
+
+
 def _batch_stats(x: torch.Tensor, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and biased variance used to normalise, updating running statistics as BatchNorm does."""
     use_batch = bn.training or bn.running_mean is None
@@ -96,19 +106,37 @@ _BLOCK_ELEMENTS = 65536
 
 def _blocks(x: torch.Tensor) -> list[slice]:
     """Slices of whole samples along dim 0, about ``_BLOCK_ELEMENTS`` elements each."""
+    if x.device.type != "cpu":  # one launch per pass on a GPU: cache blocks would be tiny kernels
+        return [slice(None)]
     per_sample = max(1, x[0].numel()) if x.shape[0] else 1
     n = max(1, _BLOCK_ELEMENTS // per_sample)
     return [slice(i, i + n) for i in range(0, x.shape[0], n)]
 
 
 def _outside(c_t: torch.Tensor, levels: int) -> bool:
+    """Whether a channel's threshold lies outside the window. Asked on the CPU only: off it the answer
+    would stall the host, so the fix-ups run on every channel there (see :func:`_host_decides`)."""
+    if not _host_decides(c_t):
+        return True
     return bool(((c_t < 1) | (c_t > levels)).any())
+
+
+def _host_decides(t: torch.Tensor) -> bool:
+    """Whether the torch path may read device values to skip work (yes on the CPU, where it is free)."""
+    return t.device.type == "cpu"
 
 
 def _fix_outside_codes(codes: torch.Tensor, above: torch.Tensor, c_t: torch.Tensor, levels: int) -> None:
     """Channels whose threshold lies outside the ±3 window keep the window for x̂ and reserve an end
     code for the far side of the threshold: code 0 means "at or below t" when t is below the window,
-    code ``levels`` "above t" when t is above it. Rare, so done on those channels only."""
+    code ``levels`` "above t" when t is above it. Rare, so done on those channels only (on the CPU;
+    elsewhere on all channels with per-channel masks, without asking the host which)."""
+    if not _host_decides(codes):
+        low = (c_t < 1).view(1, -1, 1, 1)
+        high = (c_t > levels).view(1, -1, 1, 1)
+        fixed = torch.where(low, torch.where(above, codes.clamp_min(1), 0.0), codes)
+        codes.copy_(torch.where(high, torch.where(above, float(levels), fixed.clamp_max(levels - 1)), fixed))
+        return
     low = (c_t < 1).nonzero().flatten()
     if low.numel():
         sub = codes[:, low]
@@ -121,6 +149,11 @@ def _fix_outside_codes(codes: torch.Tensor, above: torch.Tensor, c_t: torch.Tens
 
 def _fix_outside_values(v: torch.Tensor, codes: torch.Tensor, c_t: torch.Tensor, levels: int) -> None:
     """Decode the reserved end codes of :func:`_fix_outside_codes` just across the threshold."""
+    if not _host_decides(v):
+        low = (c_t < 1).view(1, -1, 1, 1) & (codes == 0)
+        high = (c_t > levels).view(1, -1, 1, 1) & (codes == levels)
+        v.copy_(torch.where(low, -0.5, torch.where(high, 0.5, v)))
+        return
     low = (c_t < 1).nonzero().flatten()
     if low.numel():
         v[:, low] = torch.where(codes[:, low] == 0, -0.5, v[:, low])
@@ -263,8 +296,14 @@ class _BNReLUConv(torch.autograd.Function):
         shift_y = torch.where(zero, beta, torch.zeros_like(beta)).view(shape)
         offset = (c_t - 1).view(shape)
         ctx.native = _native_ok(x, bits)
+        ctx.triton = not ctx.native and _triton_ok(x, bits)
         if ctx.native:
             y, data = _native_encode(x, a_v, b_v, scale_y, shift_y, offset, c_t, bits)
+            ctx.packed_bits = bits
+        elif ctx.triton:
+            from gradkit.compress import _triton
+
+            y, data = _triton.blpa_encode(x, a_v, b_v, scale_y, shift_y, offset, c_t, bits)
             ctx.packed_bits = bits
         else:
             y, data, ctx.packed_bits = _torch_encode(x, a_v, b_v, scale_y, shift_y, offset, c_t, bits)
@@ -285,8 +324,15 @@ class _BNReLUConv(torch.autograd.Function):
         s = ctx.bin_width
         shape = (1, -1, 1, 1)
         centre = c_t - 0.5
-        passes = (_NativeBackward(data, ctx.shape, centre, c_t, ctx.bits) if ctx.native
-                  else _TorchBackward(data, ctx.packed_bits, ctx.shape, centre, c_t, ctx.bits))
+        passes: Any
+        if ctx.native:
+            passes = _NativeBackward(data, ctx.shape, centre, c_t, ctx.bits)
+        elif ctx.triton:
+            from gradkit.compress import _triton
+
+            passes = _triton.BlpaPasses(data, ctx.shape, centre, c_t, ctx.bits)
+        else:
+            passes = _TorchBackward(data, ctx.packed_bits, ctx.shape, centre, c_t, ctx.bits)
         y = passes.decode(scale_y, shift_y)
         stride, padding, dilation, groups = ctx.conv
         need_x, need_g, need_b, need_w, need_bias = ctx.needs_input_grad[:5]

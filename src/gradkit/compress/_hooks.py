@@ -64,6 +64,10 @@ class _Shared:
         self.reference = reference
 
     def take(self) -> torch.Tensor:
+        """The decoded tensor for one reader. ``readers`` counts the saved variables (one per reader)
+        that hold this object, at pack time; the shared decoded copy is held here only until the last
+        of them has taken it, so at most one decoded copy per shared activation is alive, and only
+        between its first and last reader in the backward."""
         decoded = self.decoded
         if decoded is None:
             decoded = (_quant.unpack_reference if self.reference else _quant.unpack)(self.packed)
@@ -150,7 +154,9 @@ class ActivationCompressor:
         self._handles: list[Any] = []
         self._record_handles: list[Any] = []
         self._excluded: set[int] = set()
-        self._seen: dict[tuple[Any, ...], tuple[weakref.ref[torch.Tensor], Any]] = {}
+        # Weak both ways: the packed copy lives exactly as long as autograd's saved variables hold it,
+        # so a backward run inside the ``with`` block frees codes as it goes, as one run after it does.
+        self._seen: dict[tuple[Any, ...], tuple[weakref.ref[torch.Tensor], weakref.ref[_Shared]]] = {}
         self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
         self._outer: Any = None
         self.records: list[SavedRecord] | None = None
@@ -319,14 +325,15 @@ class ActivationCompressor:
         # The weak reference proves the storage is still the same one (its address cannot be reused
         # while the tensor lives), so a hit really is the same activation.
         if hit is not None and hit[0]() is t:
-            shared = hit[1]
-            shared.readers += 1
-            return shared
+            shared = hit[1]()
+            if shared is not None:
+                shared.readers += 1
+                return shared
         assert bits is not None  # None was turned into reason "exact" above
         pack = _quant.pack_reference if self.reference else _quant.pack
         packed = pack(t, bits, group_size=self.group_size, rounding=self.rounding)
         shared = _Shared(packed, self.reference)
-        self._seen[key] = (weakref.ref(t), shared)
+        self._seen[key] = (weakref.ref(t), weakref.ref(shared))
         if self._outer is not None:
             for part in (packed.data, packed.lo, packed.step):
                 self._outer(part)

@@ -21,6 +21,8 @@ for clarity (one code per byte position), and :func:`pack` / :func:`unpack`, whi
 kernels of ``_kernels.c`` when they can be built (:mod:`gradkit.compress._native`) and otherwise
 cache-blocked torch passes with bit tricks on wider integer views. All three perform the same float
 operations in the same order, so for the same noise they agree bit for bit; tests hold them to it.
+Tensors off the CPU go to :mod:`gradkit.compress._device` instead (fused Triton kernels on CUDA, no
+cache blocks, no host synchronisation), which computes the same codes.
 """
 
 from __future__ import annotations
@@ -245,6 +247,10 @@ def pack(
     if noise is not None and noise.numel() != -(-x.numel() // group_size) * group_size:
         raise ValueError(f"noise must have one value per element of the padded groups "
                          f"({-(-x.numel() // group_size) * group_size}), got {noise.numel()}")
+    if x.device.type != "cpu":  # GPU: fused kernels, no blocks, no host syncs (_device.py)
+        from gradkit.compress import _device
+
+        return _device.pack(x, bits, group_size, rounding, noise)
     if x.dtype == torch.float32 and _native.usable(x):
         return _pack_native(x, bits, group_size, rounding, noise)
     g = _groups(x, group_size)
@@ -380,6 +386,10 @@ def _unpack_codes(data: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack(packed: Packed) -> torch.Tensor:
     """Fast decode, equal to :func:`unpack_reference` (block by block, as :func:`pack`)."""
     data = packed.data
+    if data.device.type != "cpu":
+        from gradkit.compress import _device
+
+        return _device.unpack(packed)
     step, offset, floor = _decode_terms(packed)
     # The path is the one that packed: the C kernels only decode what they wrote (group sizes they hold).
     if packed.native and packed.dtype == torch.float32 and _native.usable(data):
