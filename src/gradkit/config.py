@@ -17,6 +17,8 @@ __all__ = ["TrainConfig", "BALANCES"]
 
 # Mirrors gradkit.compress.MODES (a test keeps them equal) without importing torch code here.
 ACTIVATION_MODES = ("exact", "blpa8", "blpa4", "int8", "int4", "int2", "naive8")
+# Mirrors gradkit.precision.PRECISIONS (a test keeps them equal).
+PRECISIONS = ("fp32", "bf16")
 
 # Fields that may differ between a run and its --resume: they change how, not what, is computed.
 _RESUMABLE_CHANGES = frozenset(
@@ -54,6 +56,9 @@ class TrainConfig:
     activation_group_size: int = 256
     """Elements sharing one quantisation range in the generic path (a multiple of 8, at most 4096
     for the fused kernels; smaller groups: tighter ranges, more range bytes)."""
+    precision: str = "fp32"
+    """Arithmetic of the training step: ``fp32``, or ``bf16`` (``torch.autocast`` with bfloat16 around
+    every method's step; fp32 weights, optimizer state and loss; :mod:`gradkit.precision`)."""
     epochs: int = 5
     """Number of passes over the training set."""
     batch_size: int = 128
@@ -114,6 +119,8 @@ class TrainConfig:
             raise ConfigError(
                 f"unknown activations {self.activations!r}; choose one of: {', '.join(ACTIVATION_MODES)}"
             )
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
         if self.activation_group_size < 8 or self.activation_group_size % 8:
             raise ConfigError(f"--activation-group-size must be a positive multiple of 8, got "
                               f"{self.activation_group_size}")

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import NoReturn
 
-from gradkit.config import ACTIVATION_MODES, BALANCES, TrainConfig
+from gradkit.config import ACTIVATION_MODES, BALANCES, PRECISIONS, TrainConfig
 from gradkit.data import DATASETS
 from gradkit.errors import ConfigError
 from gradkit.methods import METHODS
@@ -128,6 +128,9 @@ def add_training_args(parser: argparse.ArgumentParser, *, single_method: bool = 
     how.add_argument("--activation-group-size", type=int, default=_DEFAULTS.activation_group_size,
                      metavar="N", help="elements per quantisation range for the int modes and the "
                                        "generic part of blpa (multiple of 8; default: %(default)s)")
+    how.add_argument("--precision", default=_DEFAULTS.precision, choices=PRECISIONS,
+                     help="fp32, or bf16: torch.autocast with bfloat16 around every step (fp32 weights, "
+                          "optimizer state and loss; default: %(default)s)")
     how.add_argument("--measure-direction", type=_positive_int, metavar="N",
                      help="every N steps also compute the true backprop gradient and log sigma = <grad f, g>/|grad f|^2 "
                           "and the cosine of the method's update g (per-epoch mean and min in metrics.jsonl)")
@@ -158,6 +161,7 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> TrainConf
         method_options=dict(getattr(args, "method_options", None) or []),
         activations=getattr(args, "activations", "exact"),
         activation_group_size=getattr(args, "activation_group_size", _DEFAULTS.activation_group_size),
+        precision=getattr(args, "precision", _DEFAULTS.precision),
         epochs=args.epochs,
         batch_size=args.batch_size,
         optimizer=args.optimizer,
