@@ -78,7 +78,7 @@ def test_measure_direction_on_cuda(blobs: Dataset) -> None:
 def test_bf16_autocast_on_cuda_trains_close_to_fp32(blobs: Dataset) -> None:
     def losses(**kw: object) -> list[float]:
         out: list[float] = []
-        train(config(None, method="bp", stages=1, epochs=2, **kw), dataset=blobs,
+        train(config(None, **{"method": "bp", "stages": 1, "epochs": 2, **kw}), dataset=blobs,
               on_step=lambda _e, _s, loss: out.append(loss))
         return out
 
