@@ -130,3 +130,27 @@ def test_max_batch_on_cpu_is_a_one_line_error(capsys) -> None:  # noqa: ANN001
     assert main(["memory", "--model", "cnn", "--data", "synthetic", "--max-batch", "--budget-mb", "64"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--max-batch needs CUDA" in err and len(err.splitlines()) == 1
+
+
+def test_max_batch_command_searches_per_mode_and_reports_json(monkeypatch, capsys) -> None:  # noqa: ANN001
+    """The CLI's plumbing on CPU: the CUDA check and the measured peak are replaced by a fake whose
+    peak is 1000 bytes a sample, so a 100 KB budget fits exactly 102 samples."""
+    import json
+
+    from gradkit.cli import main
+    from gradkit.cli import memory as memory_cli
+    sizes: list[int] = []
+
+    def fake_peak(model, x, y, mode, precision, options, stats):  # noqa: ANN001, ANN202
+        sizes.append(int(x.shape[0]))
+        assert x.shape[1:] == (1, 8, 8) and y.shape == x.shape[:1]
+        return int(x.shape[0]) * 1000
+
+    monkeypatch.setattr(memory_cli, "_is_cuda", lambda device: True)
+    monkeypatch.setattr(memory_cli, "_peak", fake_peak)
+    assert main(["memory", "--model", "cnn", "--data", "synthetic", "--batch-size", "8", "--activations",
+                 "exact,int4", "--max-batch", "--budget-mb", str(102_400 / 2**20), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["mode"] for r in rows] == ["exact", "int4"]
+    assert all(r["max_batch"] == 102 and r["peak_bytes"] == 102_000 for r in rows)
+    assert sizes[:5] == [8, 16, 32, 64, 128]

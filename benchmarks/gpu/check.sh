@@ -25,8 +25,8 @@ mkdir -p "$RESULTS"
 rm -f "$RESULTS"/*.jsonl "$RESULTS"/*.log
 start=$(date +%s)
 
-echo "== pytest -m gpu (limit 180 s)"
-timeout 180 $PYTHON -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$RESULTS/pytest-gpu.log" | tail -15
+echo "== pytest -m gpu (limit 140 s)"
+timeout 140 $PYTHON -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$RESULTS/pytest-gpu.log" | tail -15
 tests_status=${PIPESTATUS[0]}
 
 run() {  # name, limit in seconds, command...

@@ -98,6 +98,6 @@ def test_memory_on_cuda_reports_the_peak_and_finds_the_largest_batch(capsys) -> 
     assert main([*args, "--max-batch", "--budget-mb", "64"]) == 0
     found = json.loads(capsys.readouterr().out)
     for r in found:
-        assert r["max_batch"] >= 1 and r["peak_bytes"] <= 64 * 2**20
-    exact, int4 = found
-    assert int4["max_batch"] >= exact["max_batch"]
+        assert r["max_batch"] >= 32 and r["peak_bytes"] <= 64 * 2**20
+        # The search ended on a batch that did not fit (over budget or out of memory) just above it.
+        assert any(b == r["max_batch"] + 1 and peak is None for b, peak in r["tried"]) or r["max_batch"] >= 2**20

@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
     device = _device(args.device)
-    if args.max_batch and device.type != "cuda":
+    if args.max_batch and not _is_cuda(device):
         raise ConfigError(f"--max-batch needs CUDA (it searches the GPU's memory); got --device {args.device}: "
                           "use --device cuda on a machine with a GPU")
     if args.budget_mb is not None and (not args.max_batch or args.budget_mb <= 0):
@@ -126,6 +126,10 @@ def run(args: argparse.Namespace) -> int:
     header = ("activations", f"exact_bytes ({args.precision})", "stored_bytes", "ratio")
     print(format_table(header + (("step peak (CUDA)",) if peaks else ()), summary))
     return 0
+
+
+def _is_cuda(device: torch.device) -> bool:
+    return device.type == "cuda"
 
 
 def _device(name: str) -> torch.device:
