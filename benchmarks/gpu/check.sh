@@ -17,7 +17,11 @@ if [ -n "$missing" ]; then
     echo "gpu-check: missing Python packages: $missing (nothing is installed here; install them first)" >&2
     exit 2
 fi
-if ! $PYTHON -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+# GPU_CHECK_SMOKE=1: run the same steps on the CPU with tiny workloads (checks the script, measures nothing).
+SMOKE=()
+if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
+    SMOKE=(--device cpu --tiny)
+elif ! $PYTHON -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "gpu-check: no CUDA device visible to torch $($PYTHON -c 'import torch; print(torch.__version__)')" >&2
     exit 2
 fi
@@ -40,13 +44,13 @@ run() {  # name, limit in seconds, command...
         tail -5 "$RESULTS/$name.log"
     fi
 }
-if [ -f benchmarks/gpu/compress.py ]; then
+if [ -f benchmarks/gpu/compress.py ] && [ ${#SMOKE[@]} = 0 ]; then
     run compress 150 $PYTHON benchmarks/gpu/compress.py
 else
-    echo "== compress: benchmarks/gpu/compress.py is not in this checkout (it comes with the Triton kernels)"
+    echo "== compress: skipped (not in this checkout: it comes with the Triton kernels; or GPU_CHECK_SMOKE=1)"
 fi
-run transformer 60 $PYTHON benchmarks/gpu/transformer.py --out "$RESULTS/transformer.jsonl"
-run methods 120 $PYTHON benchmarks/gpu/methods.py --out "$RESULTS/methods.jsonl"
+run transformer 60 $PYTHON benchmarks/gpu/transformer.py "${SMOKE[@]}" --out "$RESULTS/transformer.jsonl"
+run methods 120 $PYTHON benchmarks/gpu/methods.py "${SMOKE[@]}" --out "$RESULTS/methods.jsonl"
 
 echo
 $PYTHON benchmarks/gpu/summary.py "$RESULTS"

@@ -45,7 +45,8 @@ def dataset(args: argparse.Namespace, n_train: int, n_test: int) -> tuple[Datase
     if (data_dir / "cifar10-jpeg.tar.gz").is_file() and not (args.tiny or args.synthetic):
         return (load_dataset("cifar10", str(data_dir), limit_train=n_train, limit_test=n_test, seed=0),
                 f"CIFAR-10 ({data_dir / 'cifar10-jpeg.tar.gz'})")
-    return synthetic_cifar(n_train, n_test), "synthetic CIFAR-shaped tensors (no data/cifar10-jpeg.tar.gz)"
+    why = ("--tiny/--synthetic" if (args.tiny or args.synthetic) else f"no {data_dir / 'cifar10-jpeg.tar.gz'}")
+    return synthetic_cifar(n_train, n_test), f"synthetic CIFAR-shaped tensors ({why})"
 
 
 def main(argv: list[str] | None = None) -> int:
