@@ -10,7 +10,7 @@ TRITON_PIN ?= triton==3.9.0
 # A new folder per run: a finished demo is never overwritten, and `make demo` can be run again.
 DEMO_OUT ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: install demo test lint bench-overhead clean
+.PHONY: install demo test lint bench-overhead gpu-data gpu-check clean
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_PIN)"
@@ -36,6 +36,20 @@ lint:
 
 bench-overhead: install
 	$(PYTHON) benchmarks/overhead/run.py
+
+# CIFAR-10 for benchmarks/gpu/methods.py, into the git-ignored data/ of this checkout (methods.py uses
+# synthetic CIFAR-shaped tensors when it is absent).
+SHARED_CIFAR ?= ../shared/datasets/cifar10-jpeg.tar.gz
+gpu-data:
+	@mkdir -p data
+	@if [ -f data/cifar10-jpeg.tar.gz ]; then echo "data/cifar10-jpeg.tar.gz is there"; \
+	elif [ -f "$(SHARED_CIFAR)" ]; then cp "$(SHARED_CIFAR)" data/ && echo "copied $(SHARED_CIFAR) to data/"; \
+	else echo "no $(SHARED_CIFAR): benchmarks/gpu/methods.py will use synthetic CIFAR-shaped tensors"; fi
+
+# On a GPU machine (no network): gpu-marked tests + benchmarks/gpu/, one summary table, under 8 minutes.
+# Deliberately not depending on `install`: nothing is pip-installed there (see benchmarks/gpu/README.md).
+gpu-check:
+	PYTHON=$(PYTHON) bash benchmarks/gpu/check.sh
 
 clean:
 	rm -rf runs build dist .pytest_cache src/*.egg-info

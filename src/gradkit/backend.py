@@ -29,6 +29,7 @@ from gradkit.errors import ConfigError
 from gradkit.memory import MemoryReport, measure_step
 from gradkit.methods import METHODS, Method, build, stage_parallel_class
 from gradkit.models import build_model
+from gradkit.precision import Precision
 from gradkit.run_folder import RunFolder
 from gradkit.stages import choose_sizes, split
 from gradkit.tally import EpochTally
@@ -224,7 +225,10 @@ class LocalBackend(Backend):
         self.label = config.method
         # --activations: low-bit copies of what autograd saves, inside every step (exact: nothing).
         self.activations = Activations(self.model, config.activations, group_size=config.activation_group_size)
-        self._step: Callable[[torch.Tensor, torch.Tensor], float] = self.activations.wrap(self.method.step)
+        # --precision bf16: autocast around the step, outside the compressor's hooks.
+        self.precision = Precision(config.precision, self.device)
+        self._step: Callable[[torch.Tensor, torch.Tensor], float] = self.precision.wrap(
+            self.activations.wrap(self.method.step))
         self.progress = Progress()
         self.activation_bytes: int | None = None
         self.stage_memory: list[dict[str, int]] | None = None
@@ -306,6 +310,6 @@ class LocalBackend(Backend):
         })
 
     def finish(self) -> None:
-        self.activations.wrap(self.method.flush)()
+        self.precision.wrap(self.activations.wrap(self.method.flush))()
         if self.folder is not None:
             self.folder.write_model(self.model.state_dict())

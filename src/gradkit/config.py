@@ -21,6 +21,8 @@ profiled time."""
 
 # Mirrors gradkit.compress.MODES (a test keeps them equal) without importing torch code here.
 ACTIVATION_MODES = ("exact", "blpa8", "blpa4", "int8", "int4", "int2", "naive8")
+# Mirrors gradkit.precision.PRECISIONS (a test keeps them equal).
+PRECISIONS = ("fp32", "bf16")
 
 # Upper bound on torch threads (--threads). Fixed rather than a multiple of this machine's cores, so that a
 # config valid on one machine stays valid on another (a run may be resumed elsewhere); far above any CPU we
@@ -64,6 +66,9 @@ class TrainConfig:
     activation_group_size: int = 256
     """Elements sharing one quantisation range in the generic path (a multiple of 8, at most
     ``gradkit.compress.MAX_GROUP_SIZE`` = 4096, the kernels' limit; smaller groups: tighter ranges, more range bytes)."""
+    precision: str = "fp32"
+    """Arithmetic of the training step: ``fp32``, or ``bf16`` (``torch.autocast`` with bfloat16 around
+    every method's step; fp32 weights, optimizer state and loss; :mod:`gradkit.precision`)."""
     epochs: int = 5
     """Number of passes over the training set."""
     batch_size: int = 128
@@ -124,6 +129,8 @@ class TrainConfig:
             raise ConfigError(
                 f"unknown activations {self.activations!r}; choose one of: {', '.join(ACTIVATION_MODES)}"
             )
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
         if (not isinstance(self.activation_group_size, int) or self.activation_group_size < 8
                 or self.activation_group_size % 8 or self.activation_group_size > MAX_GROUP_SIZE):
             raise ConfigError(f"--activation-group-size must be a positive multiple of 8 of at most "

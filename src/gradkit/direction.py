@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from gradkit.devices import fork_rng
 from gradkit.methods import Method
 from gradkit.pipeline.batchnorm import frozen_running_stats
 
@@ -41,8 +42,7 @@ def true_gradient(method: Method, x: torch.Tensor, y: torch.Tensor) -> list[torc
     """The backprop gradient of ``method.loss_fn`` on (x, y) for ``method.parameters()``, without side
     effects on the weights, their ``.grad``, BatchNorm statistics or the random number generators."""
     params = method.parameters()
-    devices = [x.device.index] if x.is_cuda else []
-    with torch.random.fork_rng(devices=devices), frozen_running_stats(nn.ModuleList(method.stages)):
+    with fork_rng(x.device), frozen_running_stats(nn.ModuleList(method.stages)):
         loss = method.loss_fn(method.forward(x), y)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
     return [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params, strict=True)]

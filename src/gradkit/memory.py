@@ -15,7 +15,8 @@ from types import TracebackType
 
 import torch
 
-__all__ = ["SavedTensor", "SavedTensorsMeter", "MemoryReport", "StageMemory", "measure_step", "tensor_bytes"]
+__all__ = ["SavedTensor", "SavedTensorsMeter", "MemoryReport", "StageMemory", "measure_step", "tensor_bytes",
+           "BatchSearch", "CudaMemoryStats", "largest_batch", "step_peak_bytes"]
 
 
 @dataclass(frozen=True)
@@ -216,3 +217,92 @@ def measure_step(method, x: torch.Tensor, y: torch.Tensor,  # noqa: ANN001
         stages=stage_memory,
     )
     return loss, report
+
+
+# -- peak CUDA memory of a step, and the largest batch that fits (``gradkit memory --device cuda``) --
+class CudaMemoryStats:
+    """The three CUDA allocator figures the peak measurement reads (a fake stands in for it in CPU tests)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def sync(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def allocated(self) -> int:
+        return int(torch.cuda.memory_allocated(self.device))
+
+    def reset_peak(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak(self) -> int:
+        return int(torch.cuda.max_memory_allocated(self.device))
+
+
+def step_peak_bytes(run: Callable[[], object], stats: CudaMemoryStats) -> int:
+    """Peak memory allocated while ``run()`` executes, less what was allocated before it started
+    (the model, its optimizer state, the batch): the step's own working memory."""
+    stats.sync()
+    before = stats.allocated()
+    stats.reset_peak()
+    run()
+    stats.sync()
+    return stats.peak() - before
+
+
+@dataclass(frozen=True)
+class BatchSearch:
+    """The result of :func:`largest_batch`."""
+
+    batch: int
+    """The largest batch size that ran within the budget (0: not even ``start``)."""
+    peak_bytes: int | None
+    """Its measured step peak (None when ``batch`` is 0)."""
+    tried: list[tuple[int, int | None]] = field(default_factory=list)
+    """Every (batch size, peak bytes or None for out of memory / over budget), in order."""
+
+
+def largest_batch(try_batch: Callable[[int], int], budget_bytes: int | None, *, start: int = 1,
+                  limit: int = 1 << 20) -> BatchSearch:
+    """The largest batch size whose step fits, by doubling then bisection (BLPA paper, Table 2).
+
+    ``try_batch(b)`` runs one step at batch size ``b`` and returns its peak bytes; it may raise
+    ``torch.cuda.OutOfMemoryError``. A batch fits when it runs and its peak is at most
+    ``budget_bytes`` (None: whatever the device holds). Sizes double from ``start`` until one does not
+    fit (or ``limit`` is reached), then the gap between the last fitting and the first failing size is
+    bisected. Assumes the peak grows with the batch size.
+    """
+    tried: list[tuple[int, int | None]] = []
+
+    def fits(b: int) -> int | None:
+        try:
+            peak: int | None = try_batch(b)
+        except torch.cuda.OutOfMemoryError:
+            peak = None
+        if peak is not None and budget_bytes is not None and peak > budget_bytes:
+            tried.append((b, None))
+            return None
+        tried.append((b, peak))
+        return peak
+
+    good, good_peak = 0, None
+    bad: int | None = None
+    b = max(1, start)
+    while b <= limit:
+        peak = fits(b)
+        if peak is None:
+            bad = b
+            break
+        good, good_peak = b, peak
+        b *= 2
+    if bad is None:
+        return BatchSearch(good, good_peak, tried)
+    lo, hi = good, bad  # lo fits (or is 0), hi does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        peak = fits(mid)
+        if peak is None:
+            hi = mid
+        else:
+            lo, good_peak = mid, peak
+    return BatchSearch(lo, good_peak if lo else None, tried)

@@ -7,7 +7,7 @@ import sys
 from typing import NoReturn
 
 from gradkit.compress import MAX_GROUP_SIZE
-from gradkit.config import ACTIVATION_MODES, BALANCES, MAX_THREADS, TrainConfig
+from gradkit.config import ACTIVATION_MODES, BALANCES, MAX_THREADS, PRECISIONS, TrainConfig
 from gradkit.data import DATASETS
 from gradkit.errors import ConfigError
 from gradkit.methods import METHODS
@@ -148,6 +148,9 @@ def add_training_args(parser: argparse.ArgumentParser, *, single_method: bool = 
                      metavar="N", help="elements per quantisation range for the int modes and the "
                                        "generic part of blpa (multiple of 8, at most "
                                        f"{MAX_GROUP_SIZE}; default: %(default)s)")
+    how.add_argument("--precision", default=_DEFAULTS.precision, choices=PRECISIONS,
+                     help="fp32, or bf16: torch.autocast with bfloat16 around every step (fp32 weights, "
+                          "optimizer state and loss; default: %(default)s)")
     how.add_argument("--measure-direction", type=_positive_int, metavar="N",
                      help="every N steps also compute the true backprop gradient and log sigma = <grad f, g>/|grad f|^2 "
                           "and the cosine of the method's update g (per-epoch mean and min in metrics.jsonl)")
@@ -178,6 +181,7 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> TrainConf
         method_options=dict(getattr(args, "method_options", None) or []),
         activations=getattr(args, "activations", "exact"),
         activation_group_size=getattr(args, "activation_group_size", _DEFAULTS.activation_group_size),
+        precision=getattr(args, "precision", _DEFAULTS.precision),
         epochs=args.epochs,
         batch_size=args.batch_size,
         optimizer=args.optimizer,

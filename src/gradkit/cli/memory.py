@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from gradkit.cli._parser import group_size, thread_count
-from gradkit.compress import MAX_GROUP_SIZE, MODES, measure_activations
+from gradkit.compress import MAX_GROUP_SIZE, MODES, Activations, measure_activations
 from gradkit.data import DATASETS, BatchLoader, load_dataset
 from gradkit.errors import ConfigError
+from gradkit.memory import CudaMemoryStats, largest_batch, step_peak_bytes
 from gradkit.models import MODELS, build_model
+from gradkit.precision import PRECISIONS, Precision
 from gradkit.runs import format_bytes, format_table
 
 HELP = "activation memory of one training step under each --activations mode"
@@ -21,9 +26,16 @@ backward pass: exact_bytes (plain training), stored_bytes (under --activations) 
 Parameters are not counted; a tensor saved by several operations counts once; the input batch counts
 in both. Without --json, a per-tensor table follows (one mode) or a table of modes (several).
 
+With --precision bf16 the step runs under bf16 autocast, so exact_bytes are bf16 activations (2 bytes
+an element) and ratios are against them. With --device cuda the step's measured peak is reported too
+(torch.cuda.max_memory_allocated during the step less what was allocated before it: the model and the
+batch). --max-batch (CUDA only) finds, per mode, the largest batch whose step fits in --budget-mb (or
+in the GPU) by doubling then bisection, on random inputs of DATA's shape (the BLPA paper's Table 2).
+
 example:
   gradkit memory --model resnet20 --data cifar10 --batch-size 128 --activations int4 --json
   gradkit memory --model cnn --data fashion-mnist --activations exact,int8,int4,int2,naive8
+  gradkit memory --model resnet56 --device cuda --precision bf16 --activations exact,int4 --max-batch --budget-mb 4096
 """
 
 
@@ -51,6 +63,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help=f"elements per quantisation range (multiple of 8, at most {MAX_GROUP_SIZE}; default: 256)")
     p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     p.add_argument("--threads", type=thread_count, metavar="N", help="CPU threads for torch (default: torch's)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="fp32, or bf16 autocast: exact bytes are then 2 per element (default: %(default)s)")
+    p.add_argument("--max-batch", action="store_true",
+                   help="CUDA only: per mode, the largest batch whose step fits in --budget-mb")
+    p.add_argument("--budget-mb", type=float, metavar="M",
+                   help="with --max-batch: step peak allowed, in MiB (default: what the GPU holds)")
     p.add_argument("--json", action="store_true", help="print JSON (one object, or a list for several modes)")
     p.set_defaults(run=run)
 
@@ -60,21 +79,39 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    device = _device(args.device)
+    if args.max_batch and not _is_cuda(device):
+        raise ConfigError(f"--max-batch needs CUDA (it searches the GPU's memory); got --device {args.device}: "
+                          "use --device cuda on a machine with a GPU")
+    if args.budget_mb is not None and (not args.max_batch or args.budget_mb <= 0):
+        raise ConfigError(f"--budget-mb must be a positive number of MiB used with --max-batch, got {args.budget_mb}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     dataset = load_dataset(args.data, args.data_dir, limit_train=args.batch_size, limit_test=1, seed=args.seed)
     info = dataset.info
-    loader = BatchLoader(dataset.train_x, dataset.train_y, info, args.batch_size, train=True, seed=args.seed)
+    loader = BatchLoader(dataset.train_x, dataset.train_y, info, args.batch_size, train=True, seed=args.seed,
+                         device=device)
     x, y = next(iter(loader.epoch(0)))
     torch.manual_seed(args.seed)
-    model = build_model(args.model, info.input_shape, info.num_classes, **dataset.model_args)
+    model = build_model(args.model, info.input_shape, info.num_classes, **dataset.model_args).to(device)
     options = {"group_size": args.group_size} if args.group_size != 256 else {}
-    exact_bytes = measure_activations(model, x, y, "exact").exact_bytes  # once, shared by all modes
-    results = [measure_activations(model, x, y, mode, exact_bytes=exact_bytes,
-                                   **(options if mode != "exact" else {}))
-               for mode in args.activations]
+    precision = Precision(args.precision, device)
+    if args.max_batch:
+        return _max_batch(args, model, info.input_shape, info.num_classes, precision, options, device)
+    with precision.context():
+        exact_bytes = measure_activations(model, x, y, "exact").exact_bytes  # once, shared by all modes
+        results = [measure_activations(model, x, y, mode, exact_bytes=exact_bytes,
+                                       **(options if mode != "exact" else {}))
+                   for mode in args.activations]
+    peaks: dict[str, int] = {}
+    if device.type == "cuda":
+        stats = CudaMemoryStats(device)
+        for mode in args.activations:
+            peaks[mode] = _peak(model, x, y, mode, precision, options, stats)
     if args.json:
-        payload = [dict(r.to_dict(), model=args.model, data=args.data, batch_size=int(y.numel()))
+        payload = [dict(r.to_dict(), model=args.model, data=args.data, batch_size=int(y.numel()),
+                        precision=args.precision, device=str(device),
+                        **({"peak_bytes": peaks[r.mode]} if peaks else {}))
                    for r in results]
         print(json.dumps(payload[0] if len(payload) == 1 else payload, indent=2))
         return 0
@@ -86,6 +123,72 @@ def run(args: argparse.Namespace) -> int:
                 for rec in r.records]
         print(format_table(("module", "shape", "dtype", "kept as", "exact", "stored"), table))
     summary = [(r.mode, format_bytes(r.exact_bytes), format_bytes(r.stored_bytes), f"{r.ratio:.2f}x")
-            for r in results]
-    print(format_table(("activations", "exact_bytes", "stored_bytes", "ratio"), summary))
+               + ((format_bytes(peaks[r.mode]),) if peaks else ())
+               for r in results]
+    header = ("activations", f"exact_bytes ({args.precision})", "stored_bytes", "ratio")
+    print(format_table(header + (("step peak (CUDA)",) if peaks else ()), summary))
+    return 0
+
+
+def _is_cuda(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown --device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} asked for CUDA but no GPU is available; use --device cpu")
+    return device
+
+
+def _step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str, precision: Precision,
+          options: dict[str, object]) -> None:
+    """One forward+backward of ``model`` under ``mode`` and ``precision`` (gradients then dropped)."""
+    act = Activations(model, mode, **(options if mode != "exact" else {}))
+    try:
+        with precision.context(), act:
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+    finally:
+        act.close()
+        model.zero_grad(set_to_none=True)
+
+
+def _peak(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str, precision: Precision,
+          options: dict[str, object], stats: CudaMemoryStats) -> int:
+    """Measured step peak (CUDA) of a copy of ``model``, less what was allocated before the step."""
+    trained = copy.deepcopy(model).train()  # allocated before the step: not part of its peak
+    return step_peak_bytes(lambda: _step(trained, x, y, mode, precision, options), stats)
+
+
+def _max_batch(args: argparse.Namespace, model: nn.Module, input_shape: tuple[int, ...], num_classes: int,
+               precision: Precision, options: dict[str, object], device: torch.device) -> int:
+    budget = int(args.budget_mb * 2**20) if args.budget_mb is not None else None
+    stats = CudaMemoryStats(device)
+    rows = []
+    for mode in args.activations:
+        def trial(b: int, mode: str = mode) -> int:
+            g = torch.Generator(device=device).manual_seed(args.seed)
+            x = torch.rand(b, *input_shape, generator=g, device=device)
+            y = torch.randint(0, num_classes, (b,), generator=g, device=device)
+            try:
+                return _peak(model, x, y, mode, precision, options, stats)
+            finally:
+                del x, y
+                torch.cuda.empty_cache()
+
+        found = largest_batch(trial, budget, start=args.batch_size)
+        rows.append({"mode": mode, "max_batch": found.batch, "peak_bytes": found.peak_bytes,
+                     "budget_bytes": budget, "model": args.model, "data": args.data,
+                     "precision": args.precision, "device": str(device), "tried": found.tried})
+    if args.json:
+        print(json.dumps(rows[0] if len(rows) == 1 else rows, indent=2))
+        return 0
+    limit = format_bytes(budget) if budget is not None else "the GPU's memory"
+    print(f"{args.model}, random {args.data}-shaped batches, {args.precision}: largest batch whose step peak fits {limit}")
+    print(format_table(("activations", "max batch", "step peak"),
+                       [(r["mode"], str(r["max_batch"]), format_bytes(r["peak_bytes"])) for r in rows]))
     return 0

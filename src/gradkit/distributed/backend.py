@@ -48,6 +48,7 @@ from gradkit.distributed.executor import DistributedExecutor
 from gradkit.errors import ConfigError, GradkitError, PeerFailed, RunInterrupted
 from gradkit.loop import RunResult, StepCallback, Trainer
 from gradkit.methods import PipelineMethod, build, stage_parallel_class, stage_parallel_names
+from gradkit.precision import Precision
 from gradkit.run_folder import RunFolder
 from gradkit.stages import default_threads, split
 from gradkit.tally import EpochTally
@@ -123,7 +124,8 @@ class StageProcessBackend(Backend):
                                             ctx.groups, ctx.device, shared_memory=self.shared_memory,
                                             local_peers=ctx.local_peers)
         self.method.use_executor(self.executor)
-        self._step = self.activations.wrap(self.method.run_step)
+        self.precision = Precision(config.precision, ctx.device)
+        self._step = self.precision.wrap(self.activations.wrap(self.method.run_step))
 
         self.progress = Progress()
         self._stop_posted = False
@@ -269,7 +271,7 @@ class StageProcessBackend(Backend):
         return self.folder.path
 
     def finish(self) -> None:
-        self.activations.wrap(self.method.flush)()
+        self.precision.wrap(self.activations.wrap(self.method.flush))()
         self.executor.wait_sends()
         self._gather_weights()
         if self.ctx.is_first:

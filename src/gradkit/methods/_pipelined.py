@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from gradkit.devices import module_device, move_to
 from gradkit.memory import tensor_bytes
 from gradkit.methods._base import LossFn, Method
 from gradkit.optim import OptimizerFactory
@@ -167,11 +168,26 @@ class PipelineMethod(Method):
             raise ValueError(f"state has {len(buffers)} stages but this method has {len(self.pipeline_stages)}")
         # Buffers first: DNI's synthesizers (and so their optimizers) must exist before the
         # optimizer states are loaded. DDG rebuilds its graphs from the stashed weights, not the stage's.
-        for pipeline_stage, state_of_stage in zip(self.pipeline_stages, buffers, strict=True):
-            pipeline_stage.load_buffer_state(state_of_stage)
+        # Checkpoints load on the CPU: each stage's buffers and messages go to that stage's device.
+        for k, (pipeline_stage, state_of_stage) in enumerate(zip(self.pipeline_stages, buffers, strict=True)):
+            pipeline_stage.load_buffer_state(move_to(state_of_stage, self.stage_device(k)))
         super().load_state_dict(state)
-        self.executor.load_state(pipeline["channels"])
+        self.executor.load_state(self._channels_on_devices(pipeline["channels"]))
         self._step = pipeline["step"]
+
+    def stage_device(self, index: int) -> torch.device:
+        """Where stage ``index`` runs: the device of its parameters (restored state goes there); a
+        stage without parameters or buffers runs where the rest of the model is."""
+        return module_device(self.stages[index], default=module_device(nn.ModuleList(self.stages)))
+
+    def _channels_on_devices(self, channels: list[Any]) -> list[Any]:
+        """Executor channel state (kind, source, destination, messages) with each message on its
+        destination stage's device."""
+        moved = []
+        for kind, source, destination, messages in channels:
+            device = self.stage_device(destination) if 0 <= destination < len(self.stages) else None
+            moved.append((kind, source, destination, messages if device is None else move_to(messages, device)))
+        return moved
 
     def shard_state(self, rank: int) -> dict[str, Any]:
         """What stage ``rank`` alone must save to resume: its weights, optimizers, buffers and messages.
@@ -198,10 +214,11 @@ class PipelineMethod(Method):
                 f"not {self.name!r} stage {rank} of {len(self.stages)}"
             )
         pipeline_stage = self.pipeline_stages[rank]
-        pipeline_stage.load_buffer_state(state["buffers"])  # first: DNI's synthesizer optimizer must exist
+        # First: DNI's synthesizer optimizer must exist. Shards load on the CPU: buffers go to the stage's device.
+        pipeline_stage.load_buffer_state(move_to(state["buffers"], self.stage_device(rank)))
         self.stages[rank].load_state_dict(state["weights"])
         optimizers = [pipeline_stage.optimizer, *pipeline_stage.extra_optimizers()]
         for opt, sd in zip(optimizers, state["optimizers"], strict=True):
             opt.load_state_dict(sd)
-        self.executor.load_state(state["channels"])
+        self.executor.load_state(self._channels_on_devices(state["channels"]))
         self._step = state["step"]

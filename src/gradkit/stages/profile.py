@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from gradkit.devices import fork_rng
 from gradkit.errors import ConfigError
 
 __all__ = ["BlockCost", "profile_blocks"]
@@ -88,13 +89,9 @@ def _measure_blocks(model: nn.Sequential, sample: torch.Tensor, repeats: int) ->
     """Time the blocks with the model's buffers, modes and the random state restored afterwards."""
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     modes = [(m, m.training) for m in model.modules()]
-    device = sample.device
-    on_cpu = device.type == "cpu"
     try:
         with (
-            torch.random.fork_rng(
-                devices=[] if on_cpu else [device], device_type=None if on_cpu else device.type
-            ),
+            fork_rng(sample.device),
             torch.enable_grad(),  # a caller's no_grad() would silently drop the backward timing
         ):
             model.train()
