@@ -96,6 +96,8 @@ class Trainer:
         assert b.folder is not None
         record = b.config_record()
         earlier = (b.folder.read_config() or {}).get("resume_changes", []) if b.config.resume else []
+        # Changes made at or after the restored position were rolled back with it (a diverged attempt).
+        earlier = [c for c in earlier if c.get("global_step", 0) < p.global_step]
         if b.resume_changes:
             earlier = [*earlier, {"epoch": p.epoch, "step_in_epoch": p.step_in_epoch,
                                   "global_step": p.global_step, "changes": b.resume_changes}]
