@@ -20,6 +20,7 @@ after which every rank stops, so the checkpoint they write is consistent.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -280,7 +281,8 @@ class StageProcessBackend(Backend):
                 "all_local": self.ctx.local_world_size == self.ctx.world_size,
             }
             self.folder.commit_manifest(p.global_step, record, previous=self._good_manifest)
-            self._good_manifest = self.folder.manifest_record(p.global_step, record)
+            # A copy: the history list grows with the next epoch, this manifest must not.
+            self._good_manifest = copy.deepcopy(self.folder.manifest_record(p.global_step, record))
         dist.barrier(group=self.ctx.control)
         self.folder.prune_shards(p.global_step, keep_step=self._good_step)
         self._good_step = p.global_step
