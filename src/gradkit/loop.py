@@ -178,11 +178,14 @@ class Trainer:
     def _diverged(self, loss: float) -> None:
         b, p = self.backend, self.progress
         where = f"epoch {p.epoch + 1} step {p.step_in_epoch}"
+        advice = "try a lower --lr"
         if b.folder is not None:
             kept = b.folder.describe_kept_checkpoint(multi_process=b.multi_process)
+            if b.folder.verified_checkpoint(multi_process=b.multi_process) is not None:
+                advice = "continue from it with --resume and a lower --lr"
         else:
             kept = "no checkpoint had been written yet"
-        raise TrainingDiverged(f"loss became {loss} at {where}; {kept}; try a lower --lr", where=where)
+        raise TrainingDiverged(f"loss became {loss} at {where}; {kept}; {advice}", where=where)
 
     def _interrupted(self) -> None:
         path = self.backend.checkpoint()

@@ -200,7 +200,7 @@ class RunFolder:
             if self.has_checkpoint(multi_process=multi_process):
                 return f"no checkpoint in {self.path} matches its digest"
             return "no checkpoint had been written yet"
-        return f"the last good checkpoint {good} (verified) is kept; continue from it with --resume"
+        return f"the last good checkpoint {good} (verified) is kept"
 
     def verified_checkpoint(self, *, multi_process: bool) -> Path | None:
         """The newest checkpoint here whose bytes match their recorded digest (None: there is none)."""
