@@ -38,6 +38,7 @@ Nothing is lost:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -113,13 +114,21 @@ def _replace_by_link(source: Path, target: Path) -> None:
 class _Lock:
     """An ``flock`` on a run folder's ``.lock``, held until :meth:`release` or the process's end."""
 
-    def __init__(self, fd: int | None) -> None:
+    def __init__(self, fd: int | None, created: Path | None = None) -> None:
         self._fd = fd
+        self._created = created
+        """The folder, when this lock created it (removed again if the run wrote nothing into it)."""
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the flock
-            self._fd = None
+        if self._fd is None:
+            return
+        if self._created is not None and [p.name for p in self._created.iterdir()] == [LOCK]:
+            # A run refused before it wrote anything leaves no empty folder behind.
+            (self._created / LOCK).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self._created.rmdir()
+        os.close(self._fd)  # closing the descriptor drops the flock
+        self._fd = None
 
     def __enter__(self) -> _Lock:
         return self
@@ -225,8 +234,10 @@ class RunFolder:
         Raises:
             ConfigError: another process holds the lock (its pid is named).
         """
-        if create:
+        created = None
+        if create and not self.path.exists():
             self.prepare()
+            created = self.path
         elif not self.path.is_dir():
             return _Lock(None)
         path = self.path / LOCK
@@ -242,7 +253,7 @@ class RunFolder:
                               "wait for it or choose another --out") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        return _Lock(fd)
+        return _Lock(fd, created)
 
     def remove_stale_temp_files(self) -> list[Path]:
         """Remove the temporary files interrupted writes left (only gradkit's own); call with the lock held."""

@@ -297,3 +297,11 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_weights(t
     _assert_same_weights(out, reference)
     assert [r["train_loss"] for r in _history(out)] == [r["train_loss"] for r in _history(reference)]
     assert not list(out.glob(".*.tmp"))
+
+
+def test_a_refused_fresh_run_leaves_no_folder(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "new"
+    code, err = _train(capfd, "--epochs", "1", "--stages", "50", "--out", str(out))
+    assert code == 2
+    _one_line(err, "--stages")
+    assert not out.exists()
