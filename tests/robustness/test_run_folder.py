@@ -305,3 +305,15 @@ def test_a_refused_fresh_run_leaves_no_folder(tmp_path: Path, capfd: pytest.Capt
     assert code == 2
     _one_line(err, "--stages")
     assert not out.exists()
+
+
+def test_stale_shard_temp_files_are_gradkits_own_only(tmp_path: Path) -> None:
+    step = tmp_path / "checkpoint" / "step-00000004"
+    step.mkdir(parents=True)
+    stale = [step / ".rank1.pt.abc_1234.tmp", tmp_path / ".checkpoint.json.zzzzzzzz.tmp",
+             tmp_path / ".checkpoint.prev.json.a1b2c3d4.tmp"]
+    kept = [step / ".notes.abc_1234.tmp", tmp_path / ".rank1.pt.abc_1234.tmp", step / "rank1.pt"]
+    for path in stale + kept:
+        path.write_bytes(b"x")
+    assert sorted(RunFolder(tmp_path).remove_stale_temp_files()) == sorted(stale)
+    assert all(p.exists() for p in kept)
