@@ -113,8 +113,8 @@ def test_existing_run_needs_resume(tmp_path: Path, blobs: Dataset) -> None:
 
 def test_resume_refuses_changed_options(tmp_path: Path, blobs: Dataset) -> None:
     train(config(tmp_path / "run", epochs=1), dataset=blobs)
-    with pytest.raises(ConfigError, match=r"lr=0.05 \(now 0.1\)"):
-        train(config(tmp_path / "run", epochs=2, lr=0.1, resume=True), dataset=blobs)
+    with pytest.raises(ConfigError, match=r"batch_size=32 \(now 16\)"):
+        train(config(tmp_path / "run", epochs=2, batch_size=16, resume=True), dataset=blobs)
 
 
 def test_resume_can_extend_epochs(tmp_path: Path, blobs: Dataset) -> None:

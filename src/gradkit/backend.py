@@ -52,6 +52,17 @@ class Progress:
     tally: EpochTally = field(default_factory=EpochTally)
     history: list[dict[str, Any]] = field(default_factory=list)
     """The per-epoch records, as in ``metrics.jsonl``."""
+    changes: dict[str, list[Any]] = field(default_factory=dict)
+    """Optimizer settings ``--resume`` changed since the last epoch record (``{name: [old, new]}``);
+    the next epoch record carries them as ``changes``."""
+
+    def add_changes(self, changes: dict[str, list[Any]]) -> None:
+        for name, (old, new) in changes.items():
+            first = self.changes.get(name, [old, new])[0]
+            if first == new:
+                self.changes.pop(name, None)
+            else:
+                self.changes[name] = [first, new]
 
     @property
     def elapsed_before_epoch(self) -> float:
@@ -99,8 +110,30 @@ def check_resume(config: TrainConfig, saved_config: dict[str, Any], folder: RunF
     if conflicts:
         raise ConfigError(
             f"--resume with different options than the run in {folder}: {'; '.join(conflicts)}; "
-            "use the original options (only --epochs, --threads and --device may change)"
+            "use the original options (only --epochs, --threads, --device and the optimizer settings "
+            "--lr, --momentum, --nesterov, --weight-decay, --lr-schedule, --milestones may change)"
         )
+
+
+def apply_resume_changes(config: TrainConfig, saved_config: dict[str, Any], method: Method) -> dict[str, list[Any]]:
+    """Set the optimizer settings ``--resume`` changed (see ``TrainConfig.resume_changes``) on the
+    restored optimizers; returns the changes (nothing is touched when there are none)."""
+    changes = config.resume_changes(TrainConfig.from_dict(saved_config))
+    if not changes:
+        return changes
+    settings = config.optimizer_config()
+    for opt in method.optimizers:
+        for group in opt.param_groups:
+            # The loop sets lr = initial_lr * schedule factor before every step.
+            group["initial_lr"] = group["lr"] = settings.lr
+            group["weight_decay"] = settings.weight_decay
+            if "momentum" in group:
+                group["momentum"] = settings.momentum
+            if "nesterov" in group:
+                group["nesterov"] = settings.nesterov
+    log.info("resuming with changed settings: %s",
+             ", ".join(f"{name} {old} -> {new}" for name, (old, new) in changes.items()))
+    return changes
 
 
 def split_sizes(config: TrainConfig, model: nn.Sequential, sample: torch.Tensor | None, *,
@@ -144,6 +177,8 @@ class Backend(ABC):
     """Prefix of the progress bar."""
     memory: MemoryReport | None = None
     """Activation memory of the first step where every stage is busy (single process only)."""
+    resume_changes: dict[str, list[Any]] = {}  # noqa: RUF012 (replaced, never mutated)
+    """Optimizer settings this ``--resume`` changed, ``{name: [old, new]}`` (applied on restore)."""
 
     @abstractmethod
     def batches(self, epoch: int, start_step: int) -> Iterator[Batch]:
@@ -251,7 +286,9 @@ class LocalBackend(Backend):
     def _restore(self, saved: dict[str, Any]) -> None:
         self.method.load_state_dict(saved["method_state"])
         self.progress = Progress(saved["epoch"], saved["step_in_epoch"], saved["global_step"],
-                                 EpochTally(**saved["tally"]), list(saved["history"]))
+                                 EpochTally(**saved["tally"]), list(saved["history"]), dict(saved.get("changes") or {}))
+        self.resume_changes = apply_resume_changes(self.config, saved["config"], self.method)
+        self.progress.add_changes(self.resume_changes)
         self.activation_bytes = saved.get("activation_bytes")
         self.stage_memory = saved.get("stage_memory")
         torch.set_rng_state(saved["rng"]["cpu"])
@@ -301,6 +338,7 @@ class LocalBackend(Backend):
             "global_step": p.global_step,
             "tally": p.tally.state(),
             "history": p.history,
+            "changes": p.changes,
             "activation_bytes": self.activation_bytes,
             "stage_memory": self.stage_memory,
             "rng": {

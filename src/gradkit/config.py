@@ -34,6 +34,12 @@ MAX_THREADS = 1024
 _RESUMABLE_CHANGES = frozenset(
     {"epochs", "threads", "resume", "data_dir", "download", "progress", "device", "out", "measure_direction"}
 )
+# Optimizer settings a --resume may change (a lower --lr after divergence, more weight decay, another lr
+# schedule): they change how the remaining steps update the weights, but not the model, its split, the
+# data order or the layout of the saved optimizer state, so the restored state stays valid. They are
+# applied to the restored optimizers and recorded (config.json "resume_changes", the next epoch record's
+# "changes"). Not among them: the optimizer itself (Adam's state is not SGD's), batch size, seed, data.
+_RESUMABLE_OPTIMIZER_CHANGES = ("lr", "momentum", "nesterov", "weight_decay", "lr_schedule", "milestones")
 
 
 @dataclass(kw_only=True)
@@ -216,9 +222,22 @@ class TrainConfig:
         """Options that differ from ``saved`` in a way that would change the computation."""
         conflicts = []
         for f in dataclasses.fields(self):
-            if f.name in _RESUMABLE_CHANGES:
+            if f.name in _RESUMABLE_CHANGES or f.name in _RESUMABLE_OPTIMIZER_CHANGES:
                 continue
             mine, theirs = getattr(self, f.name), getattr(saved, f.name)
             if mine != theirs:
                 conflicts.append(f"{f.name}={theirs!r} (now {mine!r})")
         return conflicts
+
+    def resume_changes(self, saved: TrainConfig) -> dict[str, list[Any]]:
+        """Optimizer settings a ``--resume`` changes from ``saved``: ``{name: [old, new]}``."""
+        changes: dict[str, list[Any]] = {}
+        for name in _RESUMABLE_OPTIMIZER_CHANGES:
+            mine, theirs = getattr(self, name), getattr(saved, name)
+            if name == "lr":
+                mine, theirs = self.effective_lr, saved.effective_lr
+            elif name == "milestones":
+                mine, theirs = list(mine), list(theirs)
+            if mine != theirs:
+                changes[name] = [theirs, mine]
+        return changes

@@ -79,7 +79,8 @@ class Trainer:
         b, config = self.backend, self.config
         if b.reports and b.folder is not None:
             b.folder.prepare()
-            b.folder.write_config(b.config_record())
+            if self.progress.epoch < config.epochs:  # a finished run's config.json stays as it was
+                b.folder.write_config(self._config_record())
         schedule = config.learning_rate_schedule()
         b.method.train()
         with stop_requests() as stop:
@@ -88,6 +89,21 @@ class Trainer:
                 self._end_epoch()
         b.finish()
         return RunResult(config, self.progress.history, b.memory, b.stage_sizes, b.method, b.model)
+
+    def _config_record(self) -> dict[str, Any]:
+        """``config.json``: the configuration, plus every optimizer change a ``--resume`` made."""
+        b, p = self.backend, self.progress
+        assert b.folder is not None
+        record = b.config_record()
+        earlier = (b.folder.read_config() or {}).get("resume_changes", []) if b.config.resume else []
+        # Changes made at or after the restored position were rolled back with it (a diverged attempt).
+        earlier = [c for c in earlier if c.get("global_step", 0) < p.global_step]
+        if b.resume_changes:
+            earlier = [*earlier, {"epoch": p.epoch, "step_in_epoch": p.step_in_epoch,
+                                  "global_step": p.global_step, "changes": b.resume_changes}]
+        if earlier:
+            record["resume_changes"] = earlier
+        return record
 
     def _train_epoch(self, schedule: LRSchedule, stop: threading.Event, on_step: StepCallback | None) -> None:
         b, config, p = self.backend, self.config, self.progress
@@ -143,7 +159,10 @@ class Trainer:
             record.update(b.record_extras())
             if self.config.measure_direction is not None:
                 record.update(tally.direction_summary())
+            if p.changes:
+                record["changes"] = p.changes
         record = b.shared_record(record)
+        p.changes = {}
         p.history.append(record)
         p.epoch += 1
         p.step_in_epoch = 0
@@ -159,11 +178,14 @@ class Trainer:
     def _diverged(self, loss: float) -> None:
         b, p = self.backend, self.progress
         where = f"epoch {p.epoch + 1} step {p.step_in_epoch}"
+        advice = "try a lower --lr"
         if b.folder is not None:
             kept = b.folder.describe_kept_checkpoint(multi_process=b.multi_process)
+            if b.folder.verified_checkpoint(multi_process=b.multi_process) is not None:
+                advice = "continue from it with --resume and a lower --lr"
         else:
             kept = "no checkpoint had been written yet"
-        raise TrainingDiverged(f"loss became {loss} at {where}; {kept}; try a lower --lr", where=where)
+        raise TrainingDiverged(f"loss became {loss} at {where}; {kept}; {advice}", where=where)
 
     def _interrupted(self) -> None:
         path = self.backend.checkpoint()

@@ -66,6 +66,20 @@ def train(
             raise ConfigError("with workers > 1 the steps run in other processes; dataset= and on_step= "
                               "cannot be passed to them")
         return _launch(config)
+    # One run at a time in a folder: this process owns it until the run ends (the OS drops the lock
+    # if the process dies). Stale temporary files of interrupted writes are removed under the lock.
+    folder = RunFolder(config.out) if config.out is not None else None
+    lock = folder.lock(create=not config.resume) if folder is not None else None
+    try:
+        if folder is not None:
+            folder.remove_stale_temp_files()
+        return _train_here(config, dataset, on_step)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_here(config: TrainConfig, dataset: Dataset | None, on_step: StepCallback | None) -> RunResult:
     backend = LocalBackend(config, dataset)
     trainer = Trainer(backend)
     try:

@@ -30,8 +30,10 @@ predicted speed-up over single-process backprop (printed before training starts)
 pipeline), with cores / K threads each unless --threads says otherwise; under torchrun each rank is
 one stage. See README "Stage-parallel training" for several machines.
 
---resume continues an interrupted run from its checkpoint (same options; only --epochs, --threads and
---device may change) and ends with the same weights as an uninterrupted run. A larger --epochs
+--resume continues an interrupted run from its checkpoint (same options; only --epochs, --threads,
+--device and the optimizer settings --lr, --momentum, --nesterov, --weight-decay, --lr-schedule and
+--milestones may change; changed settings are recorded) and ends with the same weights as an
+uninterrupted run. A larger --epochs
 extends a finished run, but with the cosine or default multistep schedule the learning rate then
 follows the new length.
 """

@@ -20,8 +20,10 @@ after which every rank stops, so the checkpoint they write is consistent.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -35,6 +37,7 @@ from gradkit.backend import (
     Backend,
     Batch,
     Progress,
+    apply_resume_changes,
     build_run_model,
     check_resume,
     evaluate,
@@ -43,7 +46,7 @@ from gradkit.backend import (
 from gradkit.compress import Activations
 from gradkit.config import TrainConfig
 from gradkit.data import BatchLoader, load_dataset
-from gradkit.distributed.context import DistContext, join
+from gradkit.distributed.context import AGENT_STORE_ENV, DistContext, join
 from gradkit.distributed.executor import DistributedExecutor
 from gradkit.errors import ConfigError, GradkitError, PeerFailed, RunInterrupted
 from gradkit.loop import RunResult, StepCallback, Trainer
@@ -128,6 +131,10 @@ class StageProcessBackend(Backend):
         self._step = self.precision.wrap(self.activations.wrap(self.method.run_step))
 
         self.progress = Progress()
+        self._good_manifest: dict[str, Any] | None = None
+        """Rank 0: the manifest of the last verified checkpoint (kept as the fallback by the next one)."""
+        self._good_step: int | None = None
+        """Every rank: the step of that checkpoint, whose shards the next checkpoint keeps."""
         self._stop_posted = False
         self._stop_at: int | None = None
         """The global step after which every rank stops (agreed through the store after Ctrl-C)."""
@@ -181,8 +188,12 @@ class StageProcessBackend(Backend):
         torch.set_rng_state(shard["rng"])
         self.progress = Progress(manifest["epoch"], manifest["step_in_epoch"], manifest["global_step"],
                                  EpochTally(**shard["tally"]) if shard.get("tally") else EpochTally(),
-                                 list(manifest["history"]))
+                                 list(manifest["history"]), dict(manifest.get("changes") or {}))
+        self.resume_changes = apply_resume_changes(self.config, manifest["config"], self.method)
+        self.progress.add_changes(self.resume_changes)
+        self._good_step = int(manifest["global_step"])
         if self.ctx.is_first:
+            self._good_manifest = manifest
             self.folder.rewrite_metrics(self.progress.history)
 
     # -- the loop's questions ---------------------------------------------------------------------------
@@ -254,10 +265,12 @@ class StageProcessBackend(Backend):
             "rng": torch.get_rng_state(),
             "tally": p.tally.state() if self.ctx.is_last else None,
         }
-        self.folder.save_shard(p.global_step, self.rank, shard)
-        dist.barrier(group=self.ctx.control)  # every shard is on disk before the manifest points to them
+        digest = self.folder.save_shard(p.global_step, self.rank, shard)
+        digests: list[Any] = [None] * self.ctx.world_size if self.ctx.is_first else []
+        # Also the barrier: every shard is on disk (and read back) before the manifest points to them.
+        dist.gather_object(digest, digests if self.ctx.is_first else None, dst=0, group=self.ctx.control)
         if self.ctx.is_first:
-            self.folder.commit_manifest(p.global_step, {
+            record = {
                 "config": self.config.to_dict(),
                 "world_size": self.ctx.world_size,
                 "stage_sizes": self.stage_sizes,
@@ -265,9 +278,16 @@ class StageProcessBackend(Backend):
                 "step_in_epoch": p.step_in_epoch,
                 "global_step": p.global_step,
                 "history": p.history,
-            })
+                "changes": p.changes,
+                "shard_sha256": {f"rank{r}.pt": d for r, d in enumerate(digests)},
+                "all_local": self.ctx.local_world_size == self.ctx.world_size,
+            }
+            self.folder.commit_manifest(p.global_step, record, previous=self._good_manifest)
+            # A copy: the history list grows with the next epoch, this manifest must not.
+            self._good_manifest = copy.deepcopy(self.folder.manifest_record(p.global_step, record))
         dist.barrier(group=self.ctx.control)
-        self.folder.prune_shards(p.global_step)
+        self.folder.prune_shards(p.global_step, keep_step=self._good_step)
+        self._good_step = p.global_step
         return self.folder.path
 
     def finish(self) -> None:
@@ -304,7 +324,13 @@ def train_rank(config: TrainConfig, *, on_step: StepCallback | None = None) -> R
     """
     ctx = join(config.device)
     backend = None
+    lock = None
     try:
+        if ctx.is_first and not os.environ.get(AGENT_STORE_ENV) and config.out is not None:
+            # Under torchrun rank 0 owns the folder (under gradkit's launcher, the launcher does).
+            folder = RunFolder(config.out)
+            lock = folder.lock(create=not config.resume)
+            folder.remove_stale_temp_files()
         backend = StageProcessBackend(config, ctx)
         result = Trainer(backend).run(on_step)
     except RunInterrupted:
@@ -324,5 +350,7 @@ def train_rank(config: TrainConfig, *, on_step: StepCallback | None = None) -> R
     finally:
         if backend is not None and backend.shared_memory is not None:
             backend.shared_memory.close()
+        if lock is not None:
+            lock.release()
     ctx.close()
     return result

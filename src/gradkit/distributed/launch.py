@@ -77,11 +77,23 @@ def launch(config: TrainConfig, workers: int) -> int:
     check_stage_parallel_config(config, workers)  # one-line errors before any process starts
     assert config.out is not None
     folder = RunFolder(config.out)
+    # The launcher owns the folder for the run's life (its workers write under this lock).
+    lock = folder.lock(create=not config.resume)
+    try:
+        folder.remove_stale_temp_files()
+        if config.resume:
+            # A missing, unreadable or damaged checkpoint is reported before any worker starts
+            # (rank 0 reports a fallback to the previous checkpoint).
+            folder.read_manifest(report=False)
+        else:
+            folder.check_new_run()
+        return _launch_locked(config, workers, folder)
+    finally:
+        lock.release()
+
+
+def _launch_locked(config: TrainConfig, workers: int, folder: RunFolder) -> int:
     out = folder.path
-    if config.resume:
-        folder.read_manifest()  # a missing or unreadable checkpoint is reported before any worker starts
-    else:
-        folder.check_new_run()
     folder.prepare()
     spec = folder.write_launch_spec(launch_spec(config))
     port = _free_port()
