@@ -7,10 +7,11 @@ import json
 
 import torch
 
+from gradkit.cli._parser import add_model_data_args, check_model_data
 from gradkit.compress import MODES, measure_activations
-from gradkit.data import DATASETS, BatchLoader, load_dataset
+from gradkit.data import BatchLoader, load_dataset
 from gradkit.errors import ConfigError
-from gradkit.models import MODELS, build_model
+from gradkit.models import build_model
 from gradkit.runs import format_bytes, format_table
 
 HELP = "activation memory of one training step under each --activations mode"
@@ -38,10 +39,7 @@ def _modes(text: str) -> list[str]:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("memory", help=HELP, description=DESCRIPTION,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="resnet20", choices=MODELS.names(), metavar="NAME",
-                   help="model (default: %(default)s)")
-    p.add_argument("--data", default="cifar10", choices=DATASETS.names(), metavar="NAME",
-                   help="dataset whose shapes and first batch are used (default: %(default)s)")
+    add_model_data_args(p, model="resnet20", data="cifar10")
     p.add_argument("--data-dir", metavar="DIR", help="folder searched first for dataset files")
     p.add_argument("--batch-size", type=int, default=128, help="default: %(default)s")
     p.add_argument("--activations", type=_modes, default=["int4"], metavar="MODE[,MODE...]",
@@ -60,12 +58,15 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    dataset = load_dataset(args.data, args.data_dir, limit_train=args.batch_size, limit_test=1, seed=args.seed)
+    check_model_data(args.model, args.data)
+    dataset = load_dataset(args.data, args.data_dir, limit_train=args.batch_size, limit_test=1, seed=args.seed,
+                           options=dict(args.data_options))
     info = dataset.info
     loader = BatchLoader(dataset.train_x, dataset.train_y, info, args.batch_size, train=True, seed=args.seed)
     x, y = next(iter(loader.epoch(0)))
     torch.manual_seed(args.seed)
-    model = build_model(args.model, info.input_shape, info.num_classes, **dataset.model_args)
+    model = build_model(args.model, info.input_shape, info.num_classes,
+                        **{**dataset.model_args, **dict(args.model_options)})
     options = {"group_size": args.group_size} if args.group_size != 256 else {}
     exact_bytes = measure_activations(model, x, y, "exact").exact_bytes  # once, shared by all modes
     results = [measure_activations(model, x, y, mode, exact_bytes=exact_bytes,
