@@ -28,7 +28,7 @@ EXPECTED_NAMES = {
     "vgg8",
 }
 # Text and graph models: tested in tests/likelihood_ratio/test_models_data.py.
-NON_IMAGE = {"rnn", "gru", "lstm", "gcn"}
+NON_IMAGE = {"rnn", "gru", "lstm", "gcn", "gpt"}
 BIG = {"resnet101", "resnet152"}  # tens of millions of parameters: forward on batch 2 only
 SHAPES = [(1, 28, 28), (3, 32, 32)]
 
