@@ -13,20 +13,28 @@ import torch.nn.functional as F
 import gradkit
 from gradkit.losses import cross_entropy
 from gradkit.models import build_model
+from gradkit.models.gpt import GPTEmbedding, GPTHead
 from gradkit.stages import split
 
 TINY = {"layers": 2, "width": 32, "heads": 2}
+
+
+def _tied(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    embed, head = model.get_submodule("embed"), model.get_submodule("head")
+    assert isinstance(embed, GPTEmbedding) and isinstance(head, GPTHead)
+    return embed.token.weight, head.proj.weight
 
 
 def test_blocks_shapes_and_the_tied_weight() -> None:
     torch.manual_seed(0)
     model = build_model("gpt", (32,), 50, **TINY)
     assert list(model._modules) == ["embed", "block1", "block2", "head"]
-    assert model.head.proj.weight is model.embed.token.weight
+    embedding, head = _tied(model)
+    assert head is embedding
     assert model(torch.randint(0, 50, (3, 32))).shape == (3, 32, 50)
     first, last = split(model, 2, balance="count")
-    assert any(p is model.embed.token.weight for p in first.parameters())
-    assert any(p is model.embed.token.weight for p in last.parameters())
+    assert any(p is embedding for p in first.parameters())
+    assert any(p is embedding for p in last.parameters())
 
 
 def test_attention_is_causal() -> None:
@@ -64,7 +72,8 @@ def test_tiny_gpt_learns_characters(method: str, stages: int, activations: str, 
     losses: list[float] = []
     result = gradkit.train(config, on_step=lambda epoch, step, loss: losses.append(loss))
     assert all(math.isfinite(v) for v in losses)
-    vocab = result.model.head.proj.weight.shape[0] if result.model is not None else 0
+    assert result.model is not None
+    vocab = _tied(result.model)[0].shape[0]
     assert losses[0] == pytest.approx(math.log(vocab), abs=0.3)  # uniform guesses at the start
     assert sum(losses[-5:]) / 5 < losses[0] - 0.7  # falling: character frequencies at least
     final = result.final

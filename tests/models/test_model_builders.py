@@ -162,7 +162,7 @@ def test_zero_init_residual() -> None:
             "unknown option(s) for model 'cnn': depth",
         ),
         (lambda: build_model("resnet20", (3, 32, 32), 10, widht=8), "accepts: width, shortcut"),
-        (lambda: build_model("nope", (3, 32, 32), 10), "choose one of: cnn, gcn, mlp"),
+        (lambda: build_model("nope", (3, 32, 32), 10), "choose one of: cnn, gcn, gpt, mlp"),
         (lambda: build_model("cnn", (784,), 10), "expects input_shape (C, H, W)"),
         (lambda: build_model("vgg8", (1, 8, 8), 10), "must be >= 16"),
         (lambda: build_model("cnn", (1, 2, 2), 10), "must be >= 4"),

@@ -107,4 +107,4 @@ def test_data_functions_get_their_options_and_must_return_a_dataset() -> None:
     with pytest.raises(ConfigError, match="unknown option.*accepts: classes"):
         load_dataset("user_model:blobs", options={"colour": 1})
     with pytest.raises(ConfigError, match="not a gradkit.data.Dataset"):
-        load_dataset(lambda: user_model.build((4,), 2))
+        load_dataset(lambda: user_model.build((4,), 2))  # type: ignore[arg-type, return-value]

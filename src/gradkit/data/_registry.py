@@ -396,11 +396,5 @@ def _status(name: str, data_dir: str | os.PathLike[str] | None) -> DatasetStatus
         return DatasetStatus(name, "scikit-learn", (), "bundled with scikit-learn", help_text)
     if name == "synthetic":
         return DatasetStatus(name, "generated", (), "generated on the fly", help_text)
-    if name == "text":
-        from gradkit.data.ag_news import find_ag_news  # imported here: ag_news imports this module
-
-        folder = find_ag_news(data_dir)
-        return DatasetStatus(name, str(folder) if folder else None, (),
-                             "AG News texts by default; any file with --data-option path=FILE", help_text)
     # Registered elsewhere without a location check: say so rather than guess.
     return DatasetStatus(name, "(not checked)", (), "see the loader's documentation", help_text)
