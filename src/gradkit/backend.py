@@ -28,7 +28,7 @@ from gradkit.direction import measure_direction
 from gradkit.errors import ConfigError
 from gradkit.memory import MemoryReport, measure_step
 from gradkit.methods import METHODS, Method, build, stage_parallel_class
-from gradkit.models import build_model
+from gradkit.models import build_model, model_label
 from gradkit.precision import Precision
 from gradkit.run_folder import RunFolder
 from gradkit.stages import choose_sizes, split
@@ -72,14 +72,18 @@ class Progress:
 
 @torch.no_grad()
 def evaluate(method: Method, loader: BatchLoader) -> tuple[float, float]:
-    """Mean loss and accuracy (a fraction) of the current weights on ``loader``."""
+    """Mean loss and accuracy (a fraction) of the current weights on ``loader``.
+
+    For next-token outputs ``(N, T, V)`` both are per token: the mean loss over every token and the
+    fraction of tokens predicted right.
+    """
     was_training = method.stages[0].training
     method.eval()
     loss_sum, correct, count = 0.0, 0, 0
     for x, y in loader.epoch(0):
         out = method.predict(x)
         loss_sum += method.loss_fn(out, y).item() * y.numel()
-        correct += int((out.argmax(dim=1) == y).sum().item())
+        correct += int((out.argmax(dim=-1 if out.dim() == 3 else 1) == y).sum().item())
         count += y.numel()
     if was_training:
         method.train()
@@ -98,9 +102,11 @@ def resolve_device(name: str) -> torch.device:
 
 def build_run_model(config: TrainConfig, info: DatasetInfo, model_args: dict[str, Any],
                     device: torch.device) -> nn.Sequential:
-    """The run's model with its seeded initial weights, on ``device``."""
+    """The run's model with its seeded initial weights, on ``device``; ``--model-option`` values win
+    over the dataset's ``model_args``."""
     torch.manual_seed(config.seed)
-    model = build_model(config.model, info.input_shape, info.num_classes, **model_args)
+    model = build_model(config.model, info.input_shape, info.num_classes,
+                        **{**model_args, **config.model_options})
     return model.to(device)
 
 
@@ -149,7 +155,7 @@ def split_sizes(config: TrainConfig, model: nn.Sequential, sample: torch.Tensor 
     pipelines = form is not None and (stage_parallel or form is METHODS.get(config.method))
     return choose_sizes(
         model, stages=config.stages, balance=config.balance, stage_sizes=config.stage_sizes,
-        sample=sample, method=config.method if pipelines else None, model_name=config.model,
+        sample=sample, method=config.method if pipelines else None, model_name=model_label(config.model),
     )
 
 
@@ -179,6 +185,8 @@ class Backend(ABC):
     """Activation memory of the first step where every stage is busy (single process only)."""
     resume_changes: dict[str, list[Any]] = {}  # noqa: RUF012 (replaced, never mutated)
     """Optimizer settings this ``--resume`` changed, ``{name: [old, new]}`` (applied on restore)."""
+    task: str = "classification"
+    """The dataset's ``DatasetInfo.task``: ``next-token`` runs also report ``test_bpc``."""
 
     @abstractmethod
     def batches(self, epoch: int, start_step: int) -> Iterator[Batch]:
@@ -240,8 +248,9 @@ class LocalBackend(Backend):
         if dataset is None:
             dataset = load_dataset(config.data, config.data_dir, download=config.download,
                                    limit_train=config.limit_train, limit_test=config.limit_test,
-                                   seed=config.seed)
+                                   seed=config.seed, options=config.data_options)
         info = dataset.info
+        self.task = info.task
         self.train_loader = BatchLoader(dataset.train_x, dataset.train_y, info, config.batch_size,
                                         train=True, seed=config.seed, device=self.device)
         self.test_loader = BatchLoader(dataset.test_x, dataset.test_y, info, config.eval_batch_size,

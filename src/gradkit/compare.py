@@ -86,6 +86,7 @@ def compare(
         dataset = load_dataset(
             base.data, base.data_dir, download=base.download,
             limit_train=base.limit_train, limit_test=base.limit_test, seed=base.seed,
+            options=base.data_options,
         )
     rows = []
     for name, (method, stages) in zip(names, specs, strict=True):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 from gradkit.compress import MAX_GROUP_SIZE
 from gradkit.errors import ConfigError
 from gradkit.optim import LR_SCHEDULES, OPTIMIZERS, LRSchedule, OptimizerConfig
+from gradkit.registry import import_path_of
 
 __all__ = ["TrainConfig", "BALANCES", "MAX_THREADS"]
 
@@ -48,10 +50,18 @@ class TrainConfig:
 
     method: str = "bp"
     """Training method, a name from ``gradkit.methods.METHODS``."""
-    model: str = "mlp"
-    """Model, a name from ``gradkit.models.MODELS``."""
-    data: str = "digits"
-    """Dataset, a name from ``gradkit.data.DATASETS``."""
+    model: str | Callable[..., Any] = "mlp"
+    """Model: a name from ``gradkit.models.MODELS``, an import path ``"package.module:factory"``, or
+    the factory itself (see :func:`gradkit.models.build_model` for the contract). A factory defined at
+    the top level of an importable module is stored as its import path; any other callable (a lambda,
+    a local function, one in ``__main__``) cannot reach worker processes or a resumed run."""
+    model_options: dict[str, Any] = field(default_factory=dict)
+    """Keyword options of the model (``--model-option``), e.g. ``{"layers": 2}`` for ``gpt``."""
+    data: str | Callable[..., Any] = "digits"
+    """Dataset: a name from ``gradkit.data.DATASETS``, an import path ``"package.module:function"``,
+    or the function itself (see :func:`gradkit.data.load_dataset`); stored like ``model``."""
+    data_options: dict[str, Any] = field(default_factory=dict)
+    """Keyword options of the dataset loader (``--data-option``), e.g. ``{"context": 32}`` for ``text``."""
     out: str | None = None
     """Run folder for ``config.json``, ``metrics.jsonl`` and ``checkpoint.pt``; None writes nothing."""
     data_dir: str | None = None
@@ -123,6 +133,7 @@ class TrainConfig:
             warnings.warn("TrainConfig(schedule=...) is renamed lr_schedule=; the old name goes in the next "
                           "release", DeprecationWarning, stacklevel=3)
             self.lr_schedule = schedule
+        self._resolve_callables()
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(
                 f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}"
@@ -172,6 +183,25 @@ class TrainConfig:
         self.optimizer_config()
         self.learning_rate_schedule()
 
+    def _resolve_callables(self) -> None:
+        """Store a model/data callable as its import path, so that it travels; refuse one that can't."""
+        for name in ("model", "data"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                continue
+            if not callable(value):
+                raise ConfigError(f"{name} must be a registered name, 'package.module:function' or a "
+                                  f"callable, got {value!r}")
+            path = import_path_of(value)
+            if path is not None:
+                setattr(self, name, path)
+            elif self.resume or (self.workers or 1) > 1:
+                raise ConfigError(
+                    f"{name}={getattr(value, '__qualname__', value)!r} is a callable that other processes and "
+                    "resumed runs cannot import; define it at the top level of a module and pass "
+                    f"{name}='module:{'factory' if name == 'model' else 'function'}'"
+                )
+
     @property
     def effective_lr(self) -> float:
         """The learning rate used: ``lr``, or the optimizer's default."""
@@ -201,6 +231,9 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form, for ``config.json`` and checkpoints."""
         d = dataclasses.asdict(self)
+        for name in ("model", "data"):  # a callable no import path reaches: recorded by name only
+            if not isinstance(d[name], str):
+                d[name] = f"<callable {getattr(d[name], '__qualname__', d[name])}>"
         d["milestones"] = list(self.milestones)
         d["stage_sizes"] = list(self.stage_sizes) if self.stage_sizes is not None else None
         return d

@@ -46,11 +46,13 @@ def diagnose(config: TrainConfig, *, dataset: Dataset | None = None, repeats: in
     torch.manual_seed(config.seed)
     if dataset is None:
         dataset = load_dataset(config.data, config.data_dir, download=config.download,
-                               limit_train=config.limit_train, limit_test=config.limit_test, seed=config.seed)
+                               limit_train=config.limit_train, limit_test=config.limit_test, seed=config.seed,
+                               options=config.data_options)
     loader = BatchLoader(dataset.train_x, dataset.train_y, dataset.info, config.batch_size, train=True, seed=config.seed)
     x, y = next(iter(loader.epoch(0)))
     torch.manual_seed(config.seed)
-    model = build_model(config.model, dataset.info.input_shape, dataset.info.num_classes, **dataset.model_args)
+    model = build_model(config.model, dataset.info.input_shape, dataset.info.num_classes,
+                        **{**dataset.model_args, **config.model_options})
     # The loop's split, except that "time" (profiled, machine-dependent) falls back to "params".
     balance = "params" if config.balance == "time" else config.balance
     stages = split(model, config.stages, balance=balance) if config.stages > 1 else [model]

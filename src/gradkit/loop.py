@@ -156,6 +156,8 @@ class Trainer:
                 eval_seconds=time.perf_counter() - eval_start, elapsed_before=p.elapsed_before_epoch,
                 lr=b.method.optimizers[0].param_groups[0]["lr"], method=self.config.method,
             )
+            if b.task == "next-token":  # the per-token loss in bits: bits per character for text
+                record["test_bpc"] = test_loss / math.log(2)
             record.update(b.record_extras())
             if self.config.measure_direction is not None:
                 record.update(tally.direction_summary())

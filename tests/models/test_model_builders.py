@@ -28,7 +28,7 @@ EXPECTED_NAMES = {
     "vgg8",
 }
 # Text and graph models: tested in tests/likelihood_ratio/test_models_data.py.
-NON_IMAGE = {"rnn", "gru", "lstm", "gcn"}
+NON_IMAGE = {"rnn", "gru", "lstm", "gcn", "gpt"}
 BIG = {"resnet101", "resnet152"}  # tens of millions of parameters: forward on batch 2 only
 SHAPES = [(1, 28, 28), (3, 32, 32)]
 
@@ -162,7 +162,7 @@ def test_zero_init_residual() -> None:
             "unknown option(s) for model 'cnn': depth",
         ),
         (lambda: build_model("resnet20", (3, 32, 32), 10, widht=8), "accepts: width, shortcut"),
-        (lambda: build_model("nope", (3, 32, 32), 10), "choose one of: cnn, gcn, mlp"),
+        (lambda: build_model("nope", (3, 32, 32), 10), "choose one of: cnn, gcn, gpt, mlp"),
         (lambda: build_model("cnn", (784,), 10), "expects input_shape (C, H, W)"),
         (lambda: build_model("vgg8", (1, 8, 8), 10), "must be >= 16"),
         (lambda: build_model("cnn", (1, 2, 2), 10), "must be >= 4"),

@@ -14,7 +14,15 @@ from gradkit.methods import METHODS
 from gradkit.models import MODELS
 from gradkit.optim import LR_SCHEDULES, OPTIMIZERS
 
-__all__ = ["Parser", "add_training_args", "config_from_args", "group_size", "thread_count"]
+__all__ = [
+    "Parser",
+    "add_model_data_args",
+    "add_training_args",
+    "check_model_data",
+    "config_from_args",
+    "group_size",
+    "thread_count",
+]
 
 _DEFAULTS = TrainConfig()
 
@@ -104,10 +112,7 @@ def add_training_args(parser: argparse.ArgumentParser, *, single_method: bool = 
     what = parser.add_argument_group("what to train")
     if single_method:
         what.add_argument("--method", default="bp", choices=METHODS.names(), help="training method (default: bp)")
-    what.add_argument("--model", default=_DEFAULTS.model, choices=MODELS.names(), metavar="NAME",
-                      help=f"model: {', '.join(MODELS.names())} (default: %(default)s)")
-    what.add_argument("--data", default=_DEFAULTS.data, choices=DATASETS.names(), metavar="NAME",
-                      help=f"dataset: {', '.join(DATASETS.names())} (default: %(default)s)")
+    add_model_data_args(what, model=str(_DEFAULTS.model), data=str(_DEFAULTS.data))
     what.add_argument("--data-dir", metavar="DIR",
                       help="folder searched first for dataset files (default: $GRADKIT_DATA, then standard places)")
     what.add_argument("--download", action="store_true", help="fetch the dataset from its official source if missing")
@@ -166,12 +171,36 @@ def add_training_args(parser: argparse.ArgumentParser, *, single_method: bool = 
     where.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def add_model_data_args(group: argparse._ActionsContainer, *, model: str, data: str) -> None:
+    """``--model``/``--data`` (a registered name or ``package.module:function``) and their options."""
+    group.add_argument("--model", default=model, metavar="NAME|MODULE:FACTORY",
+                       help=f"model: {', '.join(MODELS.names())}, or your own factory as package.module:function "
+                            "(see README, 'Your own model') (default: %(default)s)")
+    group.add_argument("--model-option", dest="model_options", type=_method_option, action="append",
+                       default=[], metavar="KEY=VALUE",
+                       help="a model option, repeatable (e.g. --model-option layers=2 for gpt)")
+    group.add_argument("--data", default=data, metavar="NAME|MODULE:FUNCTION",
+                       help=f"dataset: {', '.join(DATASETS.names())}, or your own function as "
+                            "package.module:function (default: %(default)s)")
+    group.add_argument("--data-option", dest="data_options", type=_method_option, action="append",
+                       default=[], metavar="KEY=VALUE",
+                       help="a dataset option, repeatable (e.g. --data-option context=32 for text)")
+
+
+def check_model_data(model: str, data: str) -> None:
+    """Fail now, in one line, on an unknown name or an import path that leads nowhere."""
+    MODELS.get(model)
+    DATASETS.get(data)
+
+
 def config_from_args(args: argparse.Namespace, **overrides: object) -> TrainConfig:
     """Build a validated :class:`TrainConfig` from parsed options."""
     fields = dict(
         method=getattr(args, "method", "bp"),
         model=args.model,
+        model_options=dict(getattr(args, "model_options", None) or []),
         data=args.data,
+        data_options=dict(getattr(args, "data_options", None) or []),
         out=getattr(args, "out", None),
         data_dir=args.data_dir,
         download=args.download,
@@ -202,6 +231,7 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> TrainConf
         measure_direction=getattr(args, "measure_direction", None),
     )
     fields.update(overrides)
+    check_model_data(str(fields["model"]), str(fields["data"]))
     if fields["stages"] == "auto":
         raise ConfigError("--stages auto is for gradkit train only; give a number of stages here")
     return TrainConfig(**fields)  # type: ignore[arg-type]

@@ -49,14 +49,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.fallback_data and args.fallback_data != args.data and not args.download:
-        status = {s.name: s for s in describe_datasets(args.data_dir)}[args.data]
-        if status.found is None:
+        status = {s.name: s for s in describe_datasets(args.data_dir)}.get(args.data)
+        if status is not None and status.found is None:
             print(f"{args.data} was not found (see `gradkit datasets`); using {args.fallback_data} instead",
                   file=sys.stderr)
             args.data = args.fallback_data
     config = config_from_args(args)
     rows, plot_path = compare(config, args.methods, out=args.out)
-    data = config.data + (f" ({config.limit_train} train samples)" if config.limit_train else "")
+    data = str(config.data) + (f" ({config.limit_train} train samples)" if config.limit_train else "")
     print(f"\n{config.model} on {data}, {config.epochs} epochs, batch {config.batch_size}, seed {config.seed}")
     print(format_comparison(rows))
     if plot_path is not None:

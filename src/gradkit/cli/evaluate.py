@@ -53,8 +53,10 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise ConfigError(f"--steps must be a positive integer, got {args.steps}")
     dataset = load_dataset(config.data, args.data_dir or config.data_dir,
-                           limit_test=args.limit_test or config.limit_test, seed=config.seed)
-    model = build_model(config.model, dataset.info.input_shape, dataset.info.num_classes, **dataset.model_args)
+                           limit_test=args.limit_test or config.limit_test, seed=config.seed,
+                           options=config.data_options)
+    model = build_model(config.model, dataset.info.input_shape, dataset.info.num_classes,
+                        **{**dataset.model_args, **config.model_options})
     model.load_state_dict(load_checkpoint(weights))
     loader = BatchLoader(dataset.test_x, dataset.test_y, dataset.info, 500, train=False)
     torch.manual_seed(0)

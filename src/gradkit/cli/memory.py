@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradkit.cli._parser import group_size, thread_count
+from gradkit.cli._parser import add_model_data_args, check_model_data, group_size, thread_count
 from gradkit.compress import MAX_GROUP_SIZE, MODES, Activations, measure_activations
-from gradkit.data import DATASETS, BatchLoader, load_dataset
+from gradkit.data import BatchLoader, load_dataset
 from gradkit.errors import ConfigError
 from gradkit.memory import CudaMemoryStats, largest_batch, step_peak_bytes
-from gradkit.models import MODELS, build_model
+from gradkit.models import build_model
 from gradkit.precision import PRECISIONS, Precision
 from gradkit.runs import format_bytes, format_table
 
@@ -51,10 +51,7 @@ def _modes(text: str) -> list[str]:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("memory", help=HELP, description=DESCRIPTION,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="resnet20", choices=MODELS.names(), metavar="NAME",
-                   help="model (default: %(default)s)")
-    p.add_argument("--data", default="cifar10", choices=DATASETS.names(), metavar="NAME",
-                   help="dataset whose shapes and first batch are used (default: %(default)s)")
+    add_model_data_args(p, model="resnet20", data="cifar10")
     p.add_argument("--data-dir", metavar="DIR", help="folder searched first for dataset files")
     p.add_argument("--batch-size", type=int, default=128, help="default: %(default)s")
     p.add_argument("--activations", type=_modes, default=["int4"], metavar="MODE[,MODE...]",
@@ -87,13 +84,16 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--budget-mb must be a positive number of MiB used with --max-batch, got {args.budget_mb}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    dataset = load_dataset(args.data, args.data_dir, limit_train=args.batch_size, limit_test=1, seed=args.seed)
+    check_model_data(args.model, args.data)
+    dataset = load_dataset(args.data, args.data_dir, limit_train=args.batch_size, limit_test=1, seed=args.seed,
+                           options=dict(args.data_options))
     info = dataset.info
     loader = BatchLoader(dataset.train_x, dataset.train_y, info, args.batch_size, train=True, seed=args.seed,
                          device=device)
     x, y = next(iter(loader.epoch(0)))
     torch.manual_seed(args.seed)
-    model = build_model(args.model, info.input_shape, info.num_classes, **dataset.model_args).to(device)
+    model = build_model(args.model, info.input_shape, info.num_classes,
+                        **{**dataset.model_args, **dict(args.model_options)}).to(device)
     options = {"group_size": args.group_size} if args.group_size != 256 else {}
     precision = Precision(args.precision, device)
     if args.max_batch:

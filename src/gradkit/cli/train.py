@@ -62,7 +62,9 @@ def run(args: argparse.Namespace) -> int:
     final = result.final
     print(
         f"{config.method} {config.model} on {config.data}: test_acc {final['test_acc']:.4f}, "
-        f"test_loss {final['test_loss']:.4f}, {final['samples_per_second']:.0f} samples/s, "
+        f"test_loss {final['test_loss']:.4f}, "
+        + (f"test_bpc {final['test_bpc']:.4f}, " if "test_bpc" in final else "")
+        + f"{final['samples_per_second']:.0f} samples/s, "
         f"activations {format_bytes(final.get('activation_bytes'))} per step"
     )
     print(f"run folder: {config.out}")

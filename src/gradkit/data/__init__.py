@@ -14,7 +14,7 @@ and ``../shared/datasets`` next to the repository; see :func:`search_roots` and
 """
 
 # Importing these registers their datasets.
-from gradkit.data import ag_news, graphs  # noqa: E402, F401, I001
+from gradkit.data import ag_news, graphs, text  # noqa: E402, F401, I001
 from gradkit.data._augment import normalize, random_crop_flip
 from gradkit.data._download import download, fetch
 from gradkit.data._loader import BatchLoader

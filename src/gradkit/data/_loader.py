@@ -33,8 +33,9 @@ class BatchLoader:
     """Yields ``(x float32 normalised [augmented], y int64)`` batches from in-memory tensors.
 
     Args:
-        x: examples ``(N, C, H, W)``, uint8 (scaled by 1/255) or float32 in [0, 1].
-        y: int64 labels ``(N,)``.
+        x: examples ``(N, C, H, W)``, uint8 (scaled by 1/255) or float32 in [0, 1]; for a next-token
+            dataset int64 token ids ``(N, T)``, served unchanged.
+        y: int64 labels ``(N,)`` (next-token targets ``(N, T)``).
         info: supplies mean/std for normalisation and whether to augment.
         batch_size: examples per batch.
         train: shuffle each epoch, and augment when ``info.augment``; otherwise fixed order, no augmentation.
@@ -66,9 +67,13 @@ class BatchLoader:
             raise ConfigError(f"seed must be non-negative, got {seed}")
         if len(x) != len(y):
             raise ConfigError(f"{len(x)} examples but {len(y)} labels")
-        if x.dtype not in (torch.uint8, torch.float32):
+        # Token ids (a next-token dataset) are served as they are: no scaling, normalising, augmenting.
+        self._tokens = info.task == "next-token"
+        if self._tokens and x.dtype != torch.int64:
+            raise ConfigError(f"next-token examples must be int64 token ids, got {x.dtype}")
+        if not self._tokens and x.dtype not in (torch.uint8, torch.float32):
             raise ConfigError(f"examples must be uint8 or float32, got {x.dtype}")
-        if x.dim() < 2 or x.shape[1] != len(info.mean):
+        if not self._tokens and (x.dim() < 2 or x.shape[1] != len(info.mean)):
             raise ConfigError(
                 f"examples of shape {tuple(x.shape[1:])} do not match {len(info.mean)} channel(s) of {info.name}"
             )
@@ -80,7 +85,9 @@ class BatchLoader:
         self.device = torch.device(device)
         self._x = x.to(self.device)
         self._y = y.to(self.device, dtype=torch.int64)
-        self._augment = train and info.augment
+        self._augment = train and info.augment and not self._tokens
+        if self._tokens:
+            return
         # (x * s - mean) / std == x * (s / std) + (-mean / std), with s = 1/255 for uint8.
         scale = 1.0 / 255.0 if x.dtype == torch.uint8 else 1.0
         shape = (1, -1) + (1,) * (x.dim() - 2)
@@ -150,6 +157,9 @@ class BatchLoader:
             else:
                 idx = order[lo:hi]
                 xb, yb = self._x[idx], self._y[idx]
+            if self._tokens:
+                yield xb, yb
+                continue
             if params is not None:
                 offset = (step - start_step) * bs
                 xb = apply_crop_flip(xb, params[:, offset : offset + len(xb)])

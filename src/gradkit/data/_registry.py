@@ -1,15 +1,19 @@
 """The dataset registry (:data:`DATASETS`), :func:`load_dataset` and :func:`describe_datasets`.
 
-Every loader has the signature ``loader(data_dir=None, *, download=False) -> Dataset``. Mean and std
+Every loader has the signature ``loader(data_dir=None, *, download=False, **options) -> Dataset``. A
+user's own data is a function given by import path (``"mydata:load"``) or as the callable itself; it
+gets ``data_dir``/``download`` only if its signature names them (see :func:`load_dataset`). Mean and std
 are computed from each train split at load time (exactly, from a per-channel histogram of the uint8
 values, which is cheap), before any ``limit_train`` subset, so they do not depend on the limit.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,10 +25,10 @@ from gradkit.data._idx import read_idx
 from gradkit.data._locate import CANDIDATES, IDX_FILES, Found, idx_file, locate
 from gradkit.data._subset import stratified_subset
 from gradkit.data._types import Dataset, DatasetInfo, DatasetStatus
-from gradkit.errors import DataError
+from gradkit.errors import ConfigError, DataError
 from gradkit.registry import Registry
 
-__all__ = ["DATASETS", "load_dataset", "describe_datasets", "channel_stats"]
+__all__ = ["DATASETS", "load_dataset", "describe_datasets", "channel_stats", "data_label"]
 
 log = logging.getLogger(__name__)
 
@@ -257,20 +261,62 @@ def load_synthetic(
     )
 
 
+def data_label(data: str | Loader) -> str:
+    """How a dataset is named in messages: its registered name or import path, or a function's name."""
+    if isinstance(data, str):
+        return data
+    return str(getattr(data, "__qualname__", None) or getattr(data, "__name__", None) or data)
+
+
+def _call_loader(name: str | Loader, data_dir: str | os.PathLike[str] | None, download: bool,
+                 options: dict[str, Any]) -> Dataset:
+    """Call the loader with the arguments its signature takes; check that it gave a Dataset."""
+    label = data_label(name)
+    loader = DATASETS.get(name) if isinstance(name, str) else name
+    if not callable(loader):
+        raise ConfigError(f"data must be a registered name, 'package.module:function' or a callable, got {name!r}")
+    try:
+        params = inspect.signature(loader).parameters
+    except (TypeError, ValueError):
+        params = {}  # type: ignore[assignment]
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    unknown = sorted(k for k in options if k not in params and not takes_any)
+    if unknown:
+        accepted = [k for k, p in params.items() if k not in ("data_dir", "download")
+                    and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        raise ConfigError(f"unknown option(s) for data {label!r}: {', '.join(unknown)}; {label} accepts: "
+                          f"{', '.join(accepted) or 'no options'}")
+    kwargs = dict(options)
+    for key, value in (("data_dir", data_dir), ("download", download)):
+        if key in params or takes_any:
+            kwargs[key] = value
+    dataset = loader(**kwargs)
+    if not isinstance(dataset, Dataset):
+        raise ConfigError(f"data {label!r} returned a {type(dataset).__name__}, not a gradkit.data.Dataset: "
+                          "return Dataset(DatasetInfo(...), train_x, train_y, test_x, test_y)")
+    return dataset
+
+
 def load_dataset(
-    name: str,
+    name: str | Loader,
     data_dir: str | os.PathLike[str] | None = None,
     *,
     download: bool = False,
     limit_train: int | None = None,
     limit_test: int | None = None,
     seed: int = 0,
+    options: dict[str, Any] | None = None,
 ) -> Dataset:
     """Load dataset ``name`` from the first place that holds it, optionally downloading it.
 
+    A user's own data is a function ``load(**options) -> Dataset``; it also gets ``data_dir`` and
+    ``download`` when its signature names them (``load(data_dir=None, *, download=False)``, the form of
+    the registered loaders). Limits are applied to what it returns, as for every dataset.
+
     Args:
         name: a :data:`DATASETS` name (``fashion-mnist``, ``mnist``, ``cifar10``, ``cifar100``,
-            ``digits``, ``synthetic``).
+            ``digits``, ``synthetic``, ``text``, ...), an import path ``"package.module:function"``, or
+            such a function itself.
         data_dir: folder searched first (CLI ``--data-dir``); default ``$GRADKIT_DATA``.
         download: fetch the official files into ``data_dir`` (or ``$GRADKIT_DATA`` or
             ``~/.cache/gradkit``) when the dataset is not found.
@@ -278,12 +324,15 @@ def load_dataset(
             split has: all).
         limit_test: the same for the test split.
         seed: chooses the subsets.
+        options: keyword options of the loader (``--data-option``), e.g. ``context=32`` for ``text``.
 
     Returns:
         The dataset; ``info.mean``/``info.std`` are those of the full train split.
 
     Raises:
-        ConfigError: unknown name (the message lists the known ones) or a non-positive limit.
+        ConfigError: unknown name (the message lists the known ones), an import path that does not
+            lead to a function, a function that returns no ``Dataset``, an unknown option, or a
+            non-positive limit.
         DataError: not found (one line: where it looked, how to get it), or a truncated, corrupt or
             unsafe file (the message names it).
 
@@ -292,20 +341,31 @@ def load_dataset(
         >>> ds.train_x.shape, ds.info.num_classes
         (torch.Size([100, 1, 8, 8]), 10)
     """
-    loader = DATASETS.get(name)
-    dataset = loader(data_dir, download=download)
+    dataset = _call_loader(name, data_dir, download, options or {})
     if limit_train is not None:
-        keep = stratified_subset(dataset.train_y, limit_train, seed)
+        keep = _subset(dataset.train_y, limit_train, seed)
         dataset.train_x, dataset.train_y = dataset.train_x[keep], dataset.train_y[keep]
     if limit_test is not None:
         # A different stream than the train subset's, so both do not pick the same positions.
-        keep = stratified_subset(dataset.test_y, limit_test, seed + 1)
+        keep = _subset(dataset.test_y, limit_test, seed + 1)
         dataset.test_x, dataset.test_y = dataset.test_x[keep], dataset.test_y[keep]
     log.info(
         "loaded %s from %s: %d train, %d test examples of shape %s",
-        name, dataset.info.source, len(dataset.train_y), len(dataset.test_y), dataset.info.input_shape,
+        data_label(name), dataset.info.source, len(dataset.train_y), len(dataset.test_y), dataset.info.input_shape,
     )  # fmt: skip
     return dataset
+
+
+def _subset(y: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """A stratified subset for labelled data; for next-token data (no classes) a random one."""
+    if y.dim() == 1:
+        return stratified_subset(y, n, seed)
+    if n < 1:
+        raise ConfigError(f"a subset size must be positive, got {n}")
+    if n >= len(y):
+        return torch.arange(len(y))
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(len(y), generator=generator)[:n].sort().values
 
 
 def describe_datasets(data_dir: str | os.PathLike[str] | None = None) -> list[DatasetStatus]:

@@ -9,7 +9,9 @@ import torch
 
 from gradkit.errors import DataError
 
-__all__ = ["DatasetInfo", "Dataset", "DatasetStatus"]
+__all__ = ["DatasetInfo", "Dataset", "DatasetStatus", "TASKS"]
+
+TASKS = ("classification", "next-token")
 
 
 @dataclass(frozen=True)
@@ -38,13 +40,21 @@ class DatasetInfo:
     """Whether training batches get random crop (4-pixel padding) and horizontal flip."""
     source: str
     """Path the data was read from, or ``"generated"`` / ``"scikit-learn"``."""
+    task: str = "classification"
+    """``classification`` (one label per example) or ``next-token``: examples are int64 token ids
+    ``(T,)``, targets the next token at every position ``(T,)``, classes the vocabulary; the model
+    outputs ``(N, T, num_classes)``, the loss is per token and epochs report bits per token."""
 
     def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"{self.name}: task {self.task!r} is not one of {', '.join(TASKS)}")
         if len(self.classes) != self.num_classes:
             raise ValueError(
                 f"{self.name}: {len(self.classes)} class names for {self.num_classes} classes"
             )
         channels = self.input_shape[0] if self.input_shape else 0
+        if self.task == "next-token":
+            channels = 0  # token ids are not normalised
         if len(self.mean) != channels or len(self.std) != channels:
             raise ValueError(f"{self.name}: mean/std need one value per channel ({channels})")
 
@@ -54,7 +64,8 @@ class Dataset:
     """Train and test splits held in memory as tensors.
 
     ``*_x`` are ``uint8`` ``(N, C, H, W)`` for 8-bit images (scale by 1/255), or ``float32`` already in
-    [0, 1]; ``*_y`` are ``int64`` ``(N,)``. Images stay uint8 in memory (CIFAR-10 train is 150 MB so,
+    [0, 1]; ``*_y`` are ``int64`` ``(N,)``. For ``info.task == "next-token"`` both are ``int64``
+    ``(N, T)``: token ids and the next token at every position. Images stay uint8 in memory (CIFAR-10 train is 150 MB so,
     600 MB as float); :class:`~gradkit.data.BatchLoader` converts one batch at a time.
     """
 
@@ -72,11 +83,17 @@ class Dataset:
             ("train", self.train_x, self.train_y),
             ("test", self.test_x, self.test_y),
         ):
-            if x.dtype not in (torch.uint8, torch.float32):
+            if self.info.task == "next-token":
+                if x.dtype != torch.int64 or y.dtype != torch.int64 or x.dim() != 2 or x.shape != y.shape:
+                    raise DataError(
+                        f"{self.info.name}: next-token {split} data must be int64 token ids (N, T) with "
+                        f"targets of the same shape (got {x.dtype} {tuple(x.shape)}, {y.dtype} {tuple(y.shape)})"
+                    )
+            elif x.dtype not in (torch.uint8, torch.float32):
                 raise DataError(
                     f"{self.info.name}: {split}_x has dtype {x.dtype}; need uint8 or float32"
                 )
-            if y.dtype != torch.int64 or y.dim() != 1 or len(y) != len(x):
+            elif y.dtype != torch.int64 or y.dim() != 1 or len(y) != len(x):
                 raise DataError(
                     f"{self.info.name}: {split} labels must be int64 with one label per example "
                     f"(got {y.dtype} {tuple(y.shape)} for {len(x)} examples)"

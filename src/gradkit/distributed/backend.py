@@ -114,6 +114,7 @@ class StageProcessBackend(Backend):
         self.steps_per_epoch = math.ceil(self.num_train / config.batch_size)
 
         self.model = build_run_model(config, setup["info"], setup["model_args"], ctx.device)
+        self.task = setup["info"].task
         self.stage_sizes = setup["stage_sizes"] or self._choose_split(setup["sample"])
         method = build(config.method, split(self.model, sizes=self.stage_sizes),
                        optimizer=config.optimizer_config().factory(), stage_parallel=True,
@@ -154,7 +155,8 @@ class StageProcessBackend(Backend):
         else:
             self.folder.check_new_run()
         dataset = load_dataset(config.data, config.data_dir, download=config.download,
-                               limit_train=config.limit_train, limit_test=config.limit_test, seed=config.seed)
+                               limit_train=config.limit_train, limit_test=config.limit_test, seed=config.seed,
+                               options=config.data_options)
         info = dataset.info
         self.train_loader = BatchLoader(dataset.train_x, dataset.train_y, info, config.batch_size,
                                         train=True, seed=config.seed, device=self.ctx.device)

@@ -59,7 +59,7 @@ def launch_spec(config: TrainConfig) -> dict[str, Any]:
     """What a worker process needs besides its environment: the configuration, and the modules that
     registered a method, model or dataset outside gradkit (imported first, with this process's
     ``sys.path``, as ``multiprocessing``'s spawn does), so a user's own method runs on workers too."""
-    plugins = {registry.module(name) for registry, name in
+    plugins = {registry.module(str(name)) for registry, name in
                ((METHODS, config.method), (MODELS, config.model), (DATASETS, config.data))}
     return {
         "config": config.to_dict(),

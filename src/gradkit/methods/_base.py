@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradkit.losses import cross_entropy
 from gradkit.optim import OptimizerConfig, OptimizerFactory
 
 __all__ = ["Method", "LossFn"]
@@ -28,7 +29,8 @@ class Method(ABC):
 
     Args:
         stages: consecutive partitions of the model, e.g. from :func:`gradkit.split`.
-        loss_fn: ``loss_fn(output, target) -> scalar tensor`` (mean over the batch).
+        loss_fn: ``loss_fn(output, target) -> scalar tensor`` (mean over the batch); default
+            :func:`gradkit.losses.cross_entropy` (per token for ``(N, T, V)`` outputs).
         optimizer: a factory ``params -> torch.optim.Optimizer``.
     """
 
@@ -53,7 +55,7 @@ class Method(ABC):
         if len(stages) == 0:
             raise ValueError("a method needs at least one stage")
         self.stages: list[nn.Module] = list(stages)
-        self.loss_fn: LossFn = loss_fn if loss_fn is not None else nn.functional.cross_entropy
+        self.loss_fn: LossFn = loss_fn if loss_fn is not None else cross_entropy
         self.optimizer_factory: OptimizerFactory = (
             optimizer if optimizer is not None else OptimizerConfig().factory()
         )

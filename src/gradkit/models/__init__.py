@@ -14,7 +14,7 @@ Example:
 from __future__ import annotations
 
 # Importing the builder modules registers their models.
-from gradkit.models import cnn, gcn, mlp, recurrent, resnet, small, spiking  # noqa: F401
-from gradkit.models._registry import MODELS, ModelBuilder, build_model
+from gradkit.models import cnn, gcn, gpt, mlp, recurrent, resnet, small, spiking  # noqa: F401
+from gradkit.models._registry import MODELS, ModelBuilder, build_model, model_label
 
-__all__ = ["MODELS", "ModelBuilder", "build_model"]
+__all__ = ["MODELS", "ModelBuilder", "build_model", "model_label"]

@@ -49,12 +49,14 @@ def plan_stages(config: TrainConfig, workers: int) -> AutoChoice:
         raise ConfigError(f"--stages auto needs a pipelined method ({', '.join(stage_parallel_names())}), "
                           f"not {config.method!r}")
     dataset = load_dataset(config.data, config.data_dir, download=config.download,
-                           limit_train=config.limit_train, limit_test=config.limit_test, seed=config.seed)
+                           limit_train=config.limit_train, limit_test=config.limit_test, seed=config.seed,
+                           options=config.data_options)
     loader = BatchLoader(dataset.train_x, dataset.train_y, dataset.info, config.batch_size, train=True,
                          seed=config.seed)
     sample, _ = next(iter(loader.epoch(0)))
     torch.manual_seed(config.seed)
-    model = build_model(config.model, dataset.info.input_shape, dataset.info.num_classes, **dataset.model_args)
+    model = build_model(config.model, dataset.info.input_shape, dataset.info.num_classes,
+                        **{**dataset.model_args, **config.model_options})
     per_worker = config.threads or default_threads(workers)
     costs = profile_blocks(model, sample, threads=per_worker)
     # The baseline is the best single-process backprop: all cores, or one thread when the model is
