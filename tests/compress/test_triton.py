@@ -15,7 +15,7 @@ from torch import nn
 
 pytest.importorskip("triton")
 
-from gradkit.compress import _blpa, _quant, _triton, bn_relu_conv  # noqa: E402
+from gradkit.compress import _blpa, _codes, _quant, _triton, bn_relu_conv  # noqa: E402
 
 if not _triton._INTERPRET and not torch.cuda.is_available():
     pytest.skip("triton was imported before TRITON_INTERPRET was set, and there is no GPU",
@@ -43,7 +43,7 @@ def _inputs() -> dict[str, torch.Tensor]:
 @pytest.fixture
 def small_half_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
     """float16 ranges from 1024 elements on (65536 in production): the interpreter is slow."""
-    monkeypatch.setattr(_quant, "_HALF_RANGES_MIN", 1024)
+    monkeypatch.setattr(_codes, "_HALF_RANGES_MIN", 1024)
     monkeypatch.setattr(_triton, "_HALF_RANGES_MIN", 1024)
 
 
@@ -60,7 +60,7 @@ def _assert_same_decode(a: torch.Tensor, b: torch.Tensor) -> None:
 def test_codes_and_ranges_equal_reference_for_same_noise(bits: int, rounding: str, half: bool,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     if half:
-        monkeypatch.setattr(_quant, "_HALF_RANGES_MIN", 1024)
+        monkeypatch.setattr(_codes, "_HALF_RANGES_MIN", 1024)
         monkeypatch.setattr(_triton, "_HALF_RANGES_MIN", 1024)
     g = torch.Generator().manual_seed(bits)
     for name, x in _inputs().items():

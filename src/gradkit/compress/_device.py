@@ -16,8 +16,8 @@ import functools
 
 import torch
 
-from gradkit.compress import _quant
-from gradkit.compress._quant import _HALF_RANGES_MIN, _SAFETY, Packed
+from gradkit.compress import _codes
+from gradkit.compress._codes import _HALF_RANGES_MIN, _SAFETY, Packed
 
 __all__ = ["pack", "unpack", "triton_enabled"]
 
@@ -52,7 +52,7 @@ def unpack(packed: Packed) -> torch.Tensor:
 
 def _ranges(lo: torch.Tensor, hi: torch.Tensor, bits: int, numel: int) -> tuple[torch.Tensor, torch.Tensor,
                                                                                  torch.Tensor]:
-    """:func:`gradkit.compress._quant._ranges_from` with the float16 decision taken on the device:
+    """:func:`gradkit.compress._codes._ranges_from` with the float16 decision taken on the device:
     float32 ``lo``, ``step`` (float16-rounded when the reference stores float16) and ``inv``."""
     lo, hi = lo.float().clamp_max(0.0), hi.float()
     levels = torch.where(lo == 0, float(2**bits - 2), float(2**bits - 1))
@@ -78,21 +78,21 @@ def pack_torch(
 ) -> Packed:
     """The reference's codes in whole-tensor torch operations (no blocks, no host reads)."""
     levels = 2**bits - 1
-    g = _quant._groups(x, group_size).float()
+    g = _codes._groups(x, group_size).float()
     lo, step, inv = _ranges(g.amin(dim=1, keepdim=True), g.amax(dim=1, keepdim=True), bits, g.numel())
     nonneg = lo == 0
-    q = (g - lo) * inv + _quant._code_shift(lo)
+    q = (g - lo) * inv + _codes._code_shift(lo)
     if rounding == "nearest":
         codes = torch.floor(q + 0.5)
     else:
         u = torch.rand_like(q) if noise is None else noise.to(q.device).view_as(q)
         codes = torch.floor(q + u)
     codes = torch.where(nonneg & (g <= 0), 0.0, codes.clamp_(0, levels)).to(torch.uint8)
-    return Packed(_quant._pack_codes(codes, bits), lo, step, x.shape, x.dtype, bits)
+    return Packed(_codes._pack_codes(codes, bits), lo, step, x.shape, x.dtype, bits)
 
 
 def unpack_torch(packed: Packed) -> torch.Tensor:
-    step, offset, floor = _quant._decode_terms(packed)
-    codes = _quant._unpack_codes(packed.data, packed.bits)
+    step, offset, floor = _codes._decode_terms(packed)
+    codes = _codes._unpack_codes(packed.data, packed.bits)
     values = torch.maximum(codes.float() * step + offset, floor)
-    return _quant._restore(values, packed)
+    return _codes._restore(values, packed)

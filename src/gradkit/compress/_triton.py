@@ -7,7 +7,7 @@ stall per tensor. Here:
 * :func:`pack`: two kernels per tensor (and a one-element fill). The first takes every group's minimum and maximum and, when
   the tensor is large enough for float16 ranges, clears a device flag (an atomic) if any group's
   ranges do not fit float16; the second reads that flag on the device, computes the ranges exactly as
-  :func:`gradkit.compress._quant._ranges_from` does (float16 outward rounding included), then the
+  :func:`gradkit.compress._codes._ranges_from` does (float16 outward rounding included), then the
   codes (scale, noise, round, the reserved exact-zero code of non-negative groups) and packs them.
 * :func:`unpack`: one launch.
 * :class:`BlpaPasses` and :func:`blpa_encode`: the BLPA unit's four passes (``_blpa.py``), one launch
@@ -40,7 +40,7 @@ import os
 
 import torch
 
-from gradkit.compress._quant import _EPSILON, _HALF_RANGES_MIN, _SAFETY, Packed, _check
+from gradkit.compress._codes import _EPSILON, _HALF_RANGES_MIN, _SAFETY, Packed, _check
 
 __all__ = ["available", "pack", "unpack", "blpa_ok", "blpa_encode", "BlpaPasses"]
 
@@ -151,7 +151,7 @@ if triton is not None:
         BYTES: tl.constexpr = GS // PER_BYTE
         idx = rows.to(tl.int64)[:, None, None] * GS + j[None, :, None] * PER_BYTE + k[None, None, :]
         valid = rvalid[:, None, None] & (j[None, :, None] < BYTES)
-        # Padding of the last group repeats the last value, as _quant._groups does.
+        # Padding of the last group repeats the last value, as _codes._groups does.
         x = tl.load(x_ptr + tl.minimum(idx, n - 1), mask=valid, other=0.0).to(tl.float32)
         q = (x - lo[:, None, None]) * inv[:, None, None]
         q = q + shift[:, None, None]
