@@ -9,7 +9,7 @@ from typing import NoReturn
 from gradkit.config import ACTIVATION_MODES, BALANCES, TrainConfig
 from gradkit.data import DATASETS
 from gradkit.errors import ConfigError
-from gradkit.methods import METHODS
+from gradkit.methods import METHODS, check_options
 from gradkit.models import MODELS
 from gradkit.optim import LR_SCHEDULES, OPTIMIZERS
 
@@ -33,6 +33,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
     return value
 
 
@@ -139,7 +149,7 @@ def add_training_args(parser: argparse.ArgumentParser, *, single_method: bool = 
         where.add_argument("--workers", type=_positive_int, metavar="K",
                            help="run the K stages in K processes on this machine, one stage each (fr, ddg, "
                                 "dni, bp); under torchrun the ranks are the workers and this may be left out")
-    where.add_argument("--device", default=_DEFAULTS.device, help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    where.add_argument("--device", type=_device, default=_DEFAULTS.device, help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     where.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -180,4 +190,22 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> TrainConf
     fields.update(overrides)
     if fields["stages"] == "auto":
         raise ConfigError("--stages auto is for gradkit train only; give a number of stages here")
-    return TrainConfig(**fields)  # type: ignore[arg-type]
+    config = TrainConfig(**fields)  # type: ignore[arg-type]
+    if "method" in vars(args):  # compare checks each method's share of the options itself
+        workers = config.workers or 1
+        check_options(config.method, config.method_options, stage_parallel=workers > 1)
+    return config
+
+
+def _device(text: str) -> str:
+    """``--device``: cpu, cuda, cuda:N, auto or another torch device type, checked at parse time."""
+    name = text.strip()
+    if name == "auto":
+        return name
+    import torch
+
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu, cuda, cuda:N or auto") from None
+    return name

@@ -28,7 +28,7 @@ from gradkit.data import DATASETS
 from gradkit.distributed import shm
 from gradkit.distributed.backend import check_stage_parallel_config
 from gradkit.distributed.context import AGENT_STORE_ENV, RUN_ID_ENV
-from gradkit.methods import METHODS
+from gradkit.methods import METHODS, check_options
 from gradkit.models import MODELS
 from gradkit.run_folder import RunFolder
 from gradkit.stages import default_threads
@@ -75,6 +75,7 @@ def launch(config: TrainConfig, workers: int) -> int:
     the first worker that failed (its one-line message is on stderr).
     """
     check_stage_parallel_config(config, workers)  # one-line errors before any process starts
+    check_options(config.method, config.method_options, stage_parallel=True)  # once, not once per rank
     assert config.out is not None
     folder = RunFolder(config.out)
     out = folder.path
