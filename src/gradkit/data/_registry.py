@@ -294,6 +294,11 @@ def load_dataset(
     """
     loader = DATASETS.get(name)
     dataset = loader(data_dir, download=download)
+    for option, limit, split_size in (("--limit-train", limit_train, len(dataset.train_y)),
+                                      ("--limit-test", limit_test, len(dataset.test_y))):
+        if limit is not None and limit > split_size:
+            log.warning("%s %d is more than the %d examples %s has; using all %d",
+                        option, limit, split_size, name, split_size)
     if limit_train is not None:
         keep = stratified_subset(dataset.train_y, limit_train, seed)
         dataset.train_x, dataset.train_y = dataset.train_x[keep], dataset.train_y[keep]
