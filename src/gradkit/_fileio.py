@@ -29,7 +29,7 @@ def storage_error(exc: BaseException, path: Path) -> StorageError | None:
     if is_disk_full(exc):
         return StorageError(f"no space left on device writing {path}; free space or choose another --out; {kept}")
     if isinstance(exc, OSError) and not isinstance(exc, StorageError):
-        reason = exc.strerror or type(exc).__name__
+        reason = exc.strerror or str(exc) or type(exc).__name__
         return StorageError(f"cannot write {path}: {reason}; check the folder or choose another --out; {kept}")
     return None
 
