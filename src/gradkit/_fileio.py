@@ -25,7 +25,7 @@ def is_disk_full(exc: BaseException) -> bool:
 
 def storage_error(exc: BaseException, path: Path) -> StorageError | None:
     """A one-line :class:`StorageError` for an ``OSError`` writing ``path``, or None for other errors."""
-    kept = f"the previous {path.name} is kept" if path.exists() else f"nothing was written to {path.name}"
+    kept = f"the last good {path.name} is kept" if path.exists() else f"nothing was written to {path.name}"
     if is_disk_full(exc):
         return StorageError(f"no space left on device writing {path}; free space or choose another --out; {kept}")
     if isinstance(exc, OSError) and not isinstance(exc, StorageError):
