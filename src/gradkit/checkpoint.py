@@ -50,7 +50,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise DataError(f"no checkpoint at {path}; start a new run without --resume")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
+    except pickle.UnpicklingError:
         # torch's message advises retrying with weights_only=False, which would run whatever code the
         # file holds: never repeat that advice.
         raise DataError(f"{path} is not a gradkit checkpoint or is unsafe to load (it holds objects "

@@ -10,9 +10,9 @@ from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
+from gradkit._fileio import is_disk_full
 from gradkit.cli import compare, datasets, diagnose, env, evaluate, memory, plot, schedule, train
 from gradkit.cli._parser import Parser
-from gradkit._fileio import is_disk_full
 from gradkit.errors import GradkitError
 
 __all__ = ["main"]

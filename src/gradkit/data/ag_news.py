@@ -64,7 +64,8 @@ def encode(texts: Sequence[str], vocab: dict[str, int], seq_len: int = SEQ_LEN) 
 
 
 def _read(path: Path) -> tuple[list[str], list[int]]:
-    texts, labels = [], []
+    texts: list[str] = []
+    labels: list[int] = []
     lineno = 0
     data = path.read_bytes()
     try:
