@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,12 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> Path
     return atomic_write(path, lambda f: torch.save(state, f))
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    keep = [ln for ln in lines if "weights_only" not in ln]
+    return (keep or [type(exc).__name__])[0].split(". ")[0].rstrip(".")
+
+
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load a checkpoint without executing code from it.
 
@@ -43,9 +50,15 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise DataError(f"no checkpoint at {path}; start a new run without --resume")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt or unsafe files
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"cannot read checkpoint {path}: {reason}") from exc
+    except pickle.UnpicklingError:
+        # torch's message advises retrying with weights_only=False, which would run whatever code the
+        # file holds: never repeat that advice.
+        raise DataError(f"{path} is not a gradkit checkpoint or is unsafe to load (it holds objects "
+                        "other than tensors and plain data); do not load it, use a checkpoint gradkit "
+                        "wrote") from None
+    except Exception as exc:  # torch raises several types for corrupt files
+        raise DataError(f"cannot read checkpoint {path}: {_first_line(exc)}; the file is truncated or "
+                        "not a gradkit checkpoint") from None
     if not isinstance(state, dict):
         raise DataError(f"checkpoint {path} does not hold a gradkit state (got {type(state).__name__})")
     return state

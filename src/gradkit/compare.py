@@ -14,6 +14,7 @@ from gradkit.config import TrainConfig
 from gradkit.data import Dataset, load_dataset
 from gradkit.errors import ConfigError, TrainingDiverged
 from gradkit.methods import METHODS, method_options
+from gradkit.run_folder import RunFolder
 from gradkit.runs import format_bytes, format_table, read_run
 from gradkit.training import train
 
@@ -82,6 +83,12 @@ def compare(
     if len(set(names)) != len(names):
         raise ConfigError(f"each method may appear once in --methods, got {', '.join(names)}")
     out = Path(out)
+    # Before any data loads; compare has no --resume, so the run folder's own "pass --resume" advice
+    # would mislead.
+    taken = [n for n in names if RunFolder(out / n.replace(":", "-k")).holds_run()]
+    if taken:
+        raise ConfigError(f"{out} already holds compared runs ({', '.join(taken)}); choose another --out "
+                          "or remove those folders (compare always starts new runs)")
     if dataset is None:
         dataset = load_dataset(
             base.data, base.data_dir, download=base.download,

@@ -11,6 +11,7 @@ __all__ = [
     "GradkitError",
     "DataError",
     "ConfigError",
+    "StorageError",
     "TrainingDiverged",
     "RunInterrupted",
     "WorkerFailed",
@@ -32,6 +33,11 @@ class ConfigError(GradkitError, ValueError):
 
 class DataError(GradkitError):
     """A dataset that is missing, truncated, corrupt or unsafe to open."""
+
+
+class StorageError(GradkitError, OSError):
+    """A file or folder that cannot be written: not a folder, read-only, or the disk is full (also an
+    ``OSError``)."""
 
 
 class TrainingDiverged(GradkitError):

@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from gradkit.errors import ConfigError
+from gradkit.errors import ConfigError, StorageError
 from gradkit.runs import RunRecord, read_run
 
 __all__ = ["plot_runs"]
@@ -42,6 +42,8 @@ def plot_runs(
             "plotting needs matplotlib; install it with: pip install 'gradkit[plot]'"
         ) from None
 
+    out = _output_path(out, plt.gcf().canvas.get_supported_filetypes())
+    plt.close("all")
     records = [r if isinstance(r, RunRecord) else read_run(r) for r in runs]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for i, rec in enumerate(records):
@@ -72,8 +74,28 @@ def plot_runs(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=120)
+    except OSError as exc:
+        raise StorageError(f"cannot write {out}: {exc.strerror or exc}; choose another -o") from None
+    finally:
+        plt.close(fig)
     return out
+
+
+def _output_path(out: str | os.PathLike[str], formats: dict[str, str]) -> Path:
+    """The file the plot goes to: an existing folder gets ``loss.png`` inside it (and the returned path
+    says so); the extension must be one matplotlib writes. Checked before any run is read."""
+    path = Path(out)
+    if path.is_dir():
+        path = path / "loss.png"
+    suffix = path.suffix.lower().lstrip(".")
+    if suffix not in formats:
+        known = ", ".join(f".{k}" for k in sorted(formats))
+        what = f"has the unknown extension .{suffix}" if suffix else "has no extension"
+        raise ConfigError(f"-o {out} {what}; name a file ending in one of: {known} (e.g. loss.png)")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise StorageError(f"cannot write {path}: {parent} is a file; choose another -o")
+    return path

@@ -287,7 +287,7 @@ class RunFolder:
             return None
         try:
             return dict(json.loads(self.config_path.read_text()))
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, TypeError) as exc:
             raise DataError(f"cannot read {self.config_path}: {exc}") from None
 
     def append_metrics(self, record: dict[str, Any]) -> None:

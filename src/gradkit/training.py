@@ -16,7 +16,7 @@ from __future__ import annotations
 from gradkit.backend import LocalBackend
 from gradkit.config import TrainConfig
 from gradkit.data import Dataset
-from gradkit.errors import ConfigError, GradkitError, RunInterrupted, WorkerFailed
+from gradkit.errors import ConfigError, DataError, GradkitError, RunInterrupted, WorkerFailed
 from gradkit.launch_env import in_rank_process, launched_world_size
 from gradkit.loop import RunResult, StepCallback, Trainer
 from gradkit.run_folder import RunFolder
@@ -80,7 +80,7 @@ def train(
 
 
 def _train_here(config: TrainConfig, dataset: Dataset | None, on_step: StepCallback | None) -> RunResult:
-    backend = LocalBackend(config, dataset)
+    backend = _local_backend(config, dataset)
     trainer = Trainer(backend)
     try:
         return trainer.run(on_step)
@@ -91,6 +91,31 @@ def _train_here(config: TrainConfig, dataset: Dataset | None, on_step: StepCallb
         kept = (f"the last checkpoint in {folder} is kept; continue with --resume"
                 if folder is not None and folder.holds_single_process_run() else "no checkpoint had been written yet")
         raise RunInterrupted(f"interrupted at epoch {p.epoch + 1} step {p.step_in_epoch}; {kept}") from None
+
+
+def _local_backend(config: TrainConfig, dataset: Dataset | None) -> LocalBackend:
+    """The single-process backend; a checkpoint whose keys or shapes do not fit is a one-line error."""
+    if not config.resume:
+        return LocalBackend(config, dataset)
+    try:
+        return LocalBackend(config, dataset)
+    except GradkitError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+        # A forged or foreign checkpoint.pt that torch could read: missing keys, tensors of other shapes.
+        path = RunFolder(config.out).checkpoint_path if config.out is not None else "the checkpoint"
+        raise DataError(f"{path} does not fit this run ({_reason(exc)}); it is not a checkpoint of this "
+                        "model and method: resume the run folder that wrote it, or start a new run with "
+                        "another --out") from None
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, KeyError):
+        return f"missing entry {exc}"
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    detail = [ln for ln in lines[1:] if ln.startswith(("Missing", "Unexpected", "size mismatch"))]
+    line = (detail or lines or [type(exc).__name__])[0].rstrip(":.")
+    return line if len(line) <= 160 else line[:157] + "..."
 
 
 def _launch(config: TrainConfig) -> RunResult:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
+from gradkit._fileio import is_disk_full
 from gradkit.cli import compare, datasets, diagnose, env, evaluate, memory, plot, schedule, train
 from gradkit.cli._parser import Parser
 from gradkit.errors import GradkitError
@@ -15,6 +18,7 @@ from gradkit.errors import GradkitError
 __all__ = ["main"]
 
 _COMMANDS = (train, compare, plot, datasets, env, diagnose, evaluate, schedule, memory)
+_TRAINS = ("train", "compare")
 
 
 class _TqdmHandler(logging.Handler):
@@ -61,7 +65,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"gradkit {args.command}: {kind}{exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print(f"gradkit {args.command}: interrupted", file=sys.stderr)
+        # The training loop turns Ctrl-C into RunInterrupted; one that gets here came before it ran
+        # (loading data, building the model), so no checkpoint exists yet.
+        what = ("interrupted before training started; nothing was written" if args.command in _TRAINS
+                else "interrupted")
+        print(f"gradkit {args.command}: {what}", file=sys.stderr)
         return 130
+    except OSError as exc:
+        # A filesystem error no check foresaw (disk full while appending, a folder removed meanwhile).
+        where = f" {exc.filename}" if exc.filename else ""
+        reason = "no space left on device" if is_disk_full(exc) else (exc.strerror or str(exc))
+        print(f"gradkit {args.command}: error: cannot access{where}: {reason}; check the path or free space",
+              file=sys.stderr)
+        return 2
     finally:
         root.handlers[:], root.level, root.propagate = saved[0], saved[1], saved[2]
+        if argv is None and threading.current_thread() is threading.main_thread():
+            # The command is over and its one line printed: a further Ctrl-C during interpreter
+            # shutdown (atexit callbacks of torch and tqdm) would only add an "Exception ignored in
+            # atexit callback" trace. In-process callers (argv given) keep their handlers.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)

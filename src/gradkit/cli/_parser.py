@@ -10,7 +10,7 @@ from gradkit.compress import MAX_GROUP_SIZE
 from gradkit.config import ACTIVATION_MODES, BALANCES, MAX_THREADS, PRECISIONS, TrainConfig
 from gradkit.data import DATASETS
 from gradkit.errors import ConfigError
-from gradkit.methods import METHODS
+from gradkit.methods import METHODS, check_options
 from gradkit.models import MODELS
 from gradkit.optim import LR_SCHEDULES, OPTIMIZERS
 
@@ -60,6 +60,16 @@ def group_size(text: str) -> int:
     if value % 8 or value > MAX_GROUP_SIZE:
         raise argparse.ArgumentTypeError(f"expected a multiple of 8 from 8 to {MAX_GROUP_SIZE}, got {value}; "
                                          f"use e.g. 256 (default) or {MAX_GROUP_SIZE}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
     return value
 
 
@@ -167,7 +177,7 @@ def add_training_args(parser: argparse.ArgumentParser, *, single_method: bool = 
         where.add_argument("--workers", type=_positive_int, metavar="K",
                            help="run the K stages in K processes on this machine, one stage each (fr, ddg, "
                                 "dni, bp); under torchrun the ranks are the workers and this may be left out")
-    where.add_argument("--device", default=_DEFAULTS.device, help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    where.add_argument("--device", type=_device, default=_DEFAULTS.device, help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     where.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -234,4 +244,22 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> TrainConf
     check_model_data(str(fields["model"]), str(fields["data"]))
     if fields["stages"] == "auto":
         raise ConfigError("--stages auto is for gradkit train only; give a number of stages here")
-    return TrainConfig(**fields)  # type: ignore[arg-type]
+    config = TrainConfig(**fields)  # type: ignore[arg-type]
+    if "method" in vars(args):  # compare checks each method's share of the options itself
+        workers = config.workers or 1
+        check_options(config.method, config.method_options, stage_parallel=workers > 1)
+    return config
+
+
+def _device(text: str) -> str:
+    """``--device``: cpu, cuda, cuda:N, auto or another torch device type, checked at parse time."""
+    name = text.strip()
+    if name == "auto":
+        return name
+    import torch
+
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu, cuda, cuda:N or auto") from None
+    return name

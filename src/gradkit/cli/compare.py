@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gradkit._fileio import check_writable_folder
 from gradkit.cli._parser import add_training_args, config_from_args
 from gradkit.compare import DEFAULT_METHODS, compare, format_comparison
 from gradkit.data import DATASETS, describe_datasets
@@ -48,6 +49,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_writable_folder(args.out)  # before any data loads
     if args.fallback_data and args.fallback_data != args.data and not args.download:
         status = {s.name: s for s in describe_datasets(args.data_dir)}.get(args.data)
         if status is not None and status.found is None:

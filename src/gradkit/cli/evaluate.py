@@ -8,9 +8,10 @@ import json
 import torch
 
 from gradkit.checkpoint import load_checkpoint
+from gradkit.cli._parser import _positive_int
 from gradkit.config import TrainConfig
 from gradkit.data import BatchLoader, load_dataset
-from gradkit.errors import ConfigError
+from gradkit.errors import ConfigError, DataError
 from gradkit.models import build_model
 from gradkit.robustness import ATTACKS, attacked_accuracy
 from gradkit.run_folder import CONFIG, RunFolder
@@ -33,8 +34,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="folder of a finished run")
     p.add_argument("--attack", required=True, choices=ATTACKS, help="fgsm, pgd or gaussian")
     p.add_argument("--eps", type=float, required=True, help="perturbation size in [0, 1] pixel units")
-    p.add_argument("--steps", type=int, default=10, help="PGD steps (default: %(default)s)")
-    p.add_argument("--limit-test", type=int, metavar="N", help="evaluate on a stratified subset of N test images")
+    p.add_argument("--steps", type=_positive_int, default=10, help="PGD steps (default: %(default)s)")
+    p.add_argument("--limit-test", type=_positive_int, metavar="N", help="evaluate on a stratified subset of N test images")
     p.add_argument("--data-dir", metavar="DIR", help="folder searched first for the dataset")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(run=run)
@@ -46,7 +47,11 @@ def run(args: argparse.Namespace) -> int:
     saved = folder.read_config()
     if saved is None:
         raise ConfigError(f"{run_dir} has no {CONFIG}; give the folder of a `gradkit train` run")
-    config = TrainConfig.from_dict(saved)
+    try:
+        config = TrainConfig.from_dict(saved)
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise DataError(f"{folder.config_path} is not a gradkit run configuration ({_first_line(exc)}); "
+                        "give the folder of a `gradkit train` run") from None
     weights = folder.model_path
     if not weights.is_file():
         raise ConfigError(f"{run_dir} has no model.pt (the run did not finish); finish it with --resume")
@@ -57,7 +62,11 @@ def run(args: argparse.Namespace) -> int:
                            options=config.data_options)
     model = build_model(config.model, dataset.info.input_shape, dataset.info.num_classes,
                         **{**dataset.model_args, **config.model_options})
-    model.load_state_dict(load_checkpoint(weights))
+    try:
+        model.load_state_dict(load_checkpoint(weights))
+    except (RuntimeError, KeyError, TypeError) as exc:
+        raise DataError(f"{weights} does not hold weights of {config.model} on {config.data} "
+                        f"({_first_line(exc)}); give the run folder that wrote it") from None
     loader = BatchLoader(dataset.test_x, dataset.test_y, dataset.info, 500, train=False)
     torch.manual_seed(0)
     clean, attacked = attacked_accuracy(model, loader, args.attack, args.eps, steps=args.steps)
@@ -69,3 +78,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"{config.method} {config.model} on {config.data}: clean {clean:.4f}, "
               f"{args.attack} eps={args.eps}: {attacked:.4f}")
     return 0
+
+
+def _first_line(exc: BaseException) -> str:
+    """The telling line of ``exc`` (for load_state_dict: the first missing key or size mismatch)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    detail = [ln for ln in lines[1:] if ln.startswith(("Missing", "Unexpected", "size mismatch"))]
+    line = (detail or lines or [type(exc).__name__])[0].rstrip(":.")
+    return line if len(line) <= 160 else line[:157] + "..."

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from gradkit.cli._parser import _positive_int
+from gradkit.cli._parser import _non_negative_int, _positive_int
 from gradkit.methods import method_options, stage_parallel_class, stage_parallel_names
 
 HELP = "print which stage does what at each step (fr, ddg, dni, or the synchronous bp pipeline)"
@@ -27,8 +27,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="a pipelined method; bp shows its synchronous pipeline (default: %(default)s)")
     p.add_argument("--stages", type=_positive_int, default=3, metavar="K", help="default: %(default)s")
     p.add_argument("--steps", type=_positive_int, default=6, help="rows to print (default: %(default)s)")
-    p.add_argument("--last-batch", type=int, metavar="B", help="show the pipeline draining after batch B")
-    p.add_argument("--warmup-steps", type=int, default=0, metavar="W",
+    p.add_argument("--last-batch", type=_non_negative_int, metavar="B", help="show the pipeline draining after batch B")
+    p.add_argument("--warmup-steps", type=_non_negative_int, default=0, metavar="W",
                    help="dni only: steps that wait for true gradients (default: 0)")
     p.set_defaults(run=run)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from gradkit._fileio import check_writable_folder
 from gradkit.cli._parser import add_training_args, config_from_args
 from gradkit.run_folder import RunFolder
 from gradkit.runs import format_bytes
@@ -49,6 +50,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_writable_folder(args.out)  # before any data loads: a bad --out is reported at once
     if args.stages == "auto":
         from gradkit.stages.auto import resolve_auto_stages
 

@@ -9,6 +9,7 @@ the gzip magic bytes, not by the file name. Everything that can go wrong is a on
 from __future__ import annotations
 
 import gzip
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -83,7 +84,7 @@ def read_idx(path: str | Path) -> np.ndarray:
         )
     dims = struct.unpack(f">{ndim}I", data[4:header])
     dtype = IDX_DTYPES[code]
-    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(dims) * dtype.itemsize  # Python ints: a forged header cannot wrap around
     got = len(data) - header
     if got != expected:
         what = "truncated" if got < expected else "longer than its header says"

@@ -12,6 +12,7 @@ import io
 import logging
 import os
 import tarfile
+import warnings
 import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -122,6 +123,8 @@ def _decode_chunk(
                 pixels = np.frombuffer(im.tobytes(), dtype=np.uint8)
         except DataError:
             raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise _bomb(name, exc) from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise DataError(f"cannot decode image {name}: {exc}") from exc
         # HWC -> CHW for this one image; cheaper than transposing the whole array afterwards.
@@ -146,10 +149,30 @@ def decode_images(
     Image, UnidentifiedImageError = _pillow()
     if not blobs:
         raise DataError(f"{desc}: no images to decode")
+    with warnings.catch_warnings():
+        # Pillow only warns about an image of more than half its pixel limit; here that is an error too
+        # (the filter also covers the decoding threads below, which run within this call).
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return _decode_all(Image, UnidentifiedImageError, blobs, names, desc, channels)
+
+
+def _bomb(name: str, exc: BaseException) -> DataError:
+    return DataError(f"{name} is too large to decode safely ({_first_sentence(exc)}): a decompression bomb "
+                     "or not an image of this dataset; remove it from the dataset folder")
+
+
+def _first_sentence(exc: BaseException) -> str:
+    return str(exc).split(". ")[0].splitlines()[0].rstrip(".") if str(exc) else type(exc).__name__
+
+
+def _decode_all(Image, UnidentifiedImageError, blobs: Sequence[bytes], names: Sequence[str],  # noqa: ANN001,N803
+                desc: str, channels: int | None) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(blobs[0])) as first:
             width, height = first.size
             first_mode = first.mode
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _bomb(names[0], exc) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"cannot decode image {names[0]}: {exc}") from exc
     if channels is None:

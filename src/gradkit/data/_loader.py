@@ -7,6 +7,7 @@ GPU the whole (uint8) split is copied to the device once, so a batch costs no ho
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 
@@ -16,6 +17,8 @@ import torch
 from gradkit.data._augment import apply_crop_flip, crop_flip_params
 from gradkit.data._types import DatasetInfo
 from gradkit.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["BatchLoader", "derive_seed"]
 
@@ -83,6 +86,11 @@ class BatchLoader:
         self.seed = seed
         self.drop_last = drop_last
         self.device = torch.device(device)
+        if train and len(y) < batch_size:
+            # Allowed (a quick smoke run), but said: every epoch is one partial batch.
+            log.warning("only %d train examples, fewer than one batch of %d: every epoch is one step of "
+                        "%d; raise --limit-train or lower --batch-size for real training",
+                        len(y), batch_size, len(y))
         self._x = x.to(self.device)
         self._y = y.to(self.device, dtype=torch.int64)
         self._augment = train and info.augment and not self._tokens

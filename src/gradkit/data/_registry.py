@@ -342,6 +342,11 @@ def load_dataset(
         (torch.Size([100, 1, 8, 8]), 10)
     """
     dataset = _call_loader(name, data_dir, download, options or {})
+    for option, limit, split_size in (("--limit-train", limit_train, len(dataset.train_y)),
+                                      ("--limit-test", limit_test, len(dataset.test_y))):
+        if limit is not None and limit > split_size:
+            log.warning("%s %d is more than the %d examples %s has; using all %d",
+                        option, limit, split_size, name, split_size)
     if limit_train is not None:
         keep = _subset(dataset.train_y, limit_train, seed)
         dataset.train_x, dataset.train_y = dataset.train_x[keep], dataset.train_y[keep]

@@ -17,6 +17,7 @@ least twice, ordered by count then alphabetically (id 0 padding, 1 unknown). Eac
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 from collections import Counter
@@ -63,29 +64,46 @@ def encode(texts: Sequence[str], vocab: dict[str, int], seq_len: int = SEQ_LEN) 
 
 
 def _read(path: Path) -> tuple[list[str], list[int]]:
-    texts, labels = [], []
-    with path.open(newline="", encoding="utf-8") as f:
-        for lineno, row in enumerate(csv.reader(f), start=1):
-            if not row:
-                continue
-            try:
-                label = int(row[0])
-            except ValueError:
-                raise DataError(f"{path}:{lineno}: first column must be a class number, got {row[0]!r}") from None
-            if len(row) == 2:  # label,text with labels 0..3
-                text = row[1]
-            elif len(row) == 3:  # official: class index 1..4, title, description
-                label -= 1
-                text = f"{row[1]} {row[2]}"
-            else:
-                raise DataError(f"{path}:{lineno}: expected 2 (label,text) or 3 (class,title,description) columns, got {len(row)}")
-            if not 0 <= label < len(AG_NEWS_CLASSES):
-                raise DataError(f"{path}:{lineno}: label {row[0]} is outside the 4 AG News classes")
-            texts.append(text)
-            labels.append(label)
+    texts: list[str] = []
+    labels: list[int] = []
+    lineno = 0
+    data = path.read_bytes()
+    try:
+        content = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{data[exc.start]:02x}); re-encode the file as "
+                        "UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+    try:
+        for lineno, row in enumerate(csv.reader(io.StringIO(content, newline="")), start=1):
+            _add_row(path, lineno, row, texts, labels)
+    except csv.Error as exc:
+        raise DataError(f"{path}:{lineno + 1}: not a valid CSV row ({exc}); AG News rows are "
+                        "class,title,description with fields under "
+                        f"{csv.field_size_limit() // 1000} kB") from None
     if not texts:
         raise DataError(f"{path} holds no rows")
     return texts, labels
+
+
+def _add_row(path: Path, lineno: int, row: list[str], texts: list[str], labels: list[int]) -> None:
+    if not row:
+        return
+    try:
+        label = int(row[0])
+    except ValueError:
+        raise DataError(f"{path}:{lineno}: first column must be a class number, got {row[0]!r}") from None
+    if len(row) == 2:  # label,text with labels 0..3
+        text = row[1]
+    elif len(row) == 3:  # official: class index 1..4, title, description
+        label -= 1
+        text = f"{row[1]} {row[2]}"
+    else:
+        raise DataError(f"{path}:{lineno}: expected 2 (label,text) or 3 (class,title,description) columns, got {len(row)}")
+    if not 0 <= label < len(AG_NEWS_CLASSES):
+        raise DataError(f"{path}:{lineno}: label {row[0]} is outside the 4 AG News classes")
+    texts.append(text)
+    labels.append(label)
 
 
 def find_ag_news(data_dir: str | os.PathLike[str] | None) -> Path | None:

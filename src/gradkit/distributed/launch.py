@@ -28,12 +28,13 @@ from gradkit.data import DATASETS
 from gradkit.distributed import shm
 from gradkit.distributed.backend import check_stage_parallel_config
 from gradkit.distributed.context import AGENT_STORE_ENV, RUN_ID_ENV
-from gradkit.methods import METHODS
+from gradkit.distributed.rank import LAUNCHER_PID_ENV
+from gradkit.methods import METHODS, check_options
 from gradkit.models import MODELS
 from gradkit.run_folder import RunFolder
 from gradkit.stages import default_threads
 
-__all__ = ["GRACE_S", "launch", "launch_spec"]
+__all__ = ["GRACE_S", "LAUNCHER_PID_ENV", "launch", "launch_spec"]
 
 GRACE_S = 10.0
 """Seconds the surviving workers get to stop by themselves after one failed, before they are killed."""
@@ -75,6 +76,7 @@ def launch(config: TrainConfig, workers: int) -> int:
     the first worker that failed (its one-line message is on stderr).
     """
     check_stage_parallel_config(config, workers)  # one-line errors before any process starts
+    check_options(config.method, config.method_options, stage_parallel=True)  # once, not once per rank
     assert config.out is not None
     folder = RunFolder(config.out)
     # The launcher owns the folder for the run's life (its workers write under this lock).
@@ -105,7 +107,11 @@ def _launch_locked(config: TrainConfig, workers: int, folder: RunFolder) -> int:
     for rank in range(workers):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(workers), LOCAL_RANK=str(rank),
                    LOCAL_WORLD_SIZE=str(workers), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   OMP_NUM_THREADS=str(threads), **{AGENT_STORE_ENV: "1", RUN_ID_ENV: run_id})
+                   OMP_NUM_THREADS=str(threads), **{AGENT_STORE_ENV: "1", RUN_ID_ENV: run_id,
+                                                     LAUNCHER_PID_ENV: str(os.getpid())})
+        # c10d logs a multi-KB C++ trace as a *warning* whenever a socket closes (the launcher or a peer
+        # gone); the workers report such failures in one line of their own.
+        env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning threads steal cores from the other stages
         # A session of its own: a terminal's Ctrl-C reaches the launcher only, which forwards it once.
         procs.append(subprocess.Popen([sys.executable, "-m", "gradkit.distributed.rank", str(spec)],

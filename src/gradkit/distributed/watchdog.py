@@ -93,8 +93,8 @@ class Watchdog:
                     elif now - last_seen[r][1] > PEER_TIMEOUT_S:
                         self._exit(f"rank {r} stopped answering (no heartbeat for {PEER_TIMEOUT_S:.0f} s)")
             except Exception as exc:  # the store went away: whoever hosted it is gone
-                if self._stop.is_set():
-                    return
+                if self._stop.is_set() or _launcher_went_away():
+                    return  # gradkit.distributed.rank's watcher says so, once, on rank 0
                 self._exit(f"lost the rendezvous store ({type(exc).__name__}); the launcher or rank 0 is gone")
             if self._watch_parent and os.getppid() != self._parent:
                 self._exit("the launcher process is gone")
@@ -104,3 +104,20 @@ class Watchdog:
             return
         print(f"gradkit train: error: rank {self.rank}: stopping: {reason}", file=sys.stderr, flush=True)
         os._exit(FAILED_EXIT_CODE)
+
+
+def _launcher_went_away(wait_s: float = 1.0) -> bool:
+    """Whether this worker's launcher died (its sockets close just before the worker is re-parented,
+    so wait a moment for that)."""
+    launcher = os.environ.get("GRADKIT_LAUNCHER_PID", "")  # gradkit.distributed.rank.LAUNCHER_PID_ENV
+
+    def launcher_gone() -> bool:
+        return launcher.isdigit() and os.getppid() != int(launcher)
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        if launcher_gone():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)

@@ -5,6 +5,7 @@ from gradkit.methods._pipelined import PipelineMethod
 from gradkit.methods._registry import (
     METHODS,
     build,
+    check_options,
     method_options,
     stage_parallel_class,
     stage_parallel_names,
@@ -30,6 +31,7 @@ __all__ = [
     "Method",
     "PipelineMethod",
     "SyntheticGradients",
+    "check_options",
     "build",
     "method_options",
     "stage_parallel_class",

@@ -14,7 +14,7 @@ from gradkit.methods._pipelined import PipelineMethod
 from gradkit.optim import OptimizerFactory
 from gradkit.registry import Registry
 
-__all__ = ["METHODS", "build", "method_options", "stage_parallel_class", "stage_parallel_names"]
+__all__ = ["METHODS", "build", "check_options", "method_options", "stage_parallel_class", "stage_parallel_names"]
 
 METHODS: Registry[type[Method]] = Registry("method")
 
@@ -87,9 +87,63 @@ def build(
         ConfigError: the name is unknown, or an option is not one the method takes.
     """
     cls = _method_class(name, stage_parallel)
+    _check_option_names_and_types(name, cls, options, stage_parallel)
+    return cls(stages, loss_fn=loss_fn, optimizer=optimizer, **options)
+
+
+def check_options(name: str, options: dict[str, Any], *, stage_parallel: bool = False) -> None:
+    """Reject method options that cannot work before anything is loaded or any worker starts: unknown
+    names, values of the wrong type (``warmup_steps=abc``), and the values the method's constructor
+    refuses (``synthesizer_hidden=-5``), found by building it on two tiny stages.
+
+    Raises:
+        ConfigError: one line naming the option and what it takes.
+    """
+    cls = _method_class(name, stage_parallel)
+    _check_option_names_and_types(name, cls, options, stage_parallel)
+    stages = [nn.Sequential(nn.Flatten(), nn.Linear(1, 1)), nn.Sequential(nn.Linear(1, 1))]
+    try:
+        cls(stages, **options)
+    except ConfigError:
+        raise
+    except Exception:  # noqa: BLE001 - tiny stages are not the real model; the real build reports these
+        pass
+
+
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def _check_option_names_and_types(name: str, cls: type[Method], options: dict[str, Any],
+                                  stage_parallel: bool) -> None:
     accepted = method_options(name, stage_parallel=stage_parallel)
     for option in options:
         if option not in accepted:
             takes = ", ".join(sorted(accepted)) or "no options"
             raise ConfigError(f"method {name!r} does not take option {option!r}; it takes: {takes}")
-    return cls(stages, loss_fn=loss_fn, optimizer=optimizer, **options)
+    params = inspect.signature(cls.__init__).parameters
+    for option, value in options.items():
+        annotation = params[option].annotation
+        if not isinstance(annotation, str):  # annotations are strings under `from __future__ import annotations`
+            annotation = getattr(annotation, "__name__", str(annotation))
+        kinds = [k.strip() for k in annotation.split("|")]
+        if value is None and "None" in kinds:
+            continue
+        allowed = [t for k in kinds for t in _TYPES.get(k, ())]
+        if not allowed or any(k not in _TYPES and k != "None" for k in kinds):
+            continue  # a type this check does not know: the method checks it
+        if isinstance(value, bool) and bool not in allowed:
+            ok = False
+        else:
+            ok = isinstance(value, tuple(allowed))
+        if not ok:
+            wanted = " or ".join(k if k != "None" else "none" for k in kinds)
+            raise ConfigError(f"method {name!r} option {option} must be {_article(wanted)}, got {value!r}; "
+                              f"e.g. -o {option}={_example(kinds[0])}")
+
+
+def _article(word: str) -> str:
+    return ("an " if word[:1] in "aeiou" else "a ") + word
+
+
+def _example(kind: str) -> str:
+    return {"int": "4", "float": "0.5", "bool": "true", "str": "name"}.get(kind, "VALUE")

@@ -266,6 +266,8 @@ class SyntheticGradients(PipelineMethod):
             raise ConfigError(f"true_gradient_mix must be in [0, 1], got {true_gradient_mix}")
         if warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if synthesizer_hidden is not None and synthesizer_hidden < 1:
+            raise ConfigError(f"synthesizer_hidden must be a positive width, got {synthesizer_hidden}")
         self.conditioned = bool(conditioned)
         self.warmup_steps = int(warmup_steps)
         self.true_gradient_mix = float(true_gradient_mix)
