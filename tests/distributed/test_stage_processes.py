@@ -105,7 +105,7 @@ def test_torchrun_ranks_equal_one_process(single_process_runs: dict[str, Path], 
 
 @pytest.mark.parametrize("args, message", [
     (["--method", "fr", "--stages", "3", "--workers", "2"], "--stages 3 with 2 workers"),
-    (["--method", "ulr", "--stages", "2", "--workers", "2"], "needs a pipelined method"),
+    (["--method", "ulr", "--stages", "2", "--workers", "2"], "needs the whole model in one process"),
     (["--method", "fr", "--stages", "2", "--workers", "2", "--measure-direction", "5"], "--measure-direction"),
 ])
 def test_bad_options_fail_before_any_worker_starts(args: list[str], message: str, tmp_path: Path) -> None:
