@@ -114,19 +114,22 @@ def _replace_by_link(source: Path, target: Path) -> None:
 class _Lock:
     """An ``flock`` on a run folder's ``.lock``, held until :meth:`release` or the process's end."""
 
-    def __init__(self, fd: int | None, created: Path | None = None) -> None:
+    def __init__(self, fd: int | None, folder: Path | None = None, *, created: bool = False) -> None:
         self._fd = fd
+        self._folder = folder
         self._created = created
-        """The folder, when this lock created it (removed again if the run wrote nothing into it)."""
+        """Whether this lock made the folder (removed again if the run wrote nothing into it)."""
 
     def release(self) -> None:
         if self._fd is None:
             return
-        if self._created is not None and [p.name for p in self._created.iterdir()] == [LOCK]:
-            # A run refused before it wrote anything leaves no empty folder behind.
-            (self._created / LOCK).unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                self._created.rmdir()
+        if self._folder is not None and [p.name for p in self._folder.iterdir()] == [LOCK]:
+            # A run refused or interrupted before it wrote anything leaves nothing of its own behind
+            # (and no empty folder, when the lock made it).
+            (self._folder / LOCK).unlink(missing_ok=True)
+            if self._created:
+                with contextlib.suppress(OSError):
+                    self._folder.rmdir()
         os.close(self._fd)  # closing the descriptor drops the flock
         self._fd = None
 
@@ -234,10 +237,10 @@ class RunFolder:
         Raises:
             ConfigError: another process holds the lock (its pid is named).
         """
-        created = None
+        created = False
         if create and not self.path.exists():
             self.prepare()
-            created = self.path
+            created = True
         elif not self.path.is_dir():
             return _Lock(None)
         path = self.path / LOCK
@@ -253,7 +256,7 @@ class RunFolder:
                               "wait for it or choose another --out") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        return _Lock(fd, created)
+        return _Lock(fd, self.path, created=created)
 
     def remove_stale_temp_files(self) -> list[Path]:
         """Remove the temporary files interrupted writes left (only gradkit's own); call with the lock held."""

@@ -9,12 +9,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from gradkit._fileio import check_writable_folder
 from gradkit.checkpoint import load_checkpoint
 from gradkit.cli import main
 from gradkit.errors import StorageError
+from gradkit.run_folder import RunFolder
 
 SMALL = ["--model", "mlp", "--data", "digits", "--limit-train", "256", "--limit-test", "64", "--epochs", "1",
          "--threads", "1", "--no-progress"]
@@ -96,27 +96,35 @@ def test_check_writable_folder_creates_it_and_leaves_no_probe(tmp_path: Path) ->
 @pytest.mark.parametrize("failure", ["enospc", "torch-zip"])
 def test_disk_full_keeps_the_last_good_checkpoint(failure: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    """The second epoch's checkpoint hits a full disk: torch.save's zip writer reports it as
-    ``RuntimeError: [enforce fail at inline_container.cc:672] unexpected pos``, plain writes as ENOSPC."""
-    real_save = torch.save
-    saves = []
+    """The second epoch's checkpoint hits a full disk while its bytes are written: plain writes report
+    ENOSPC, torch.save's zip writer ``RuntimeError: [enforce fail at inline_container.cc:672]
+    unexpected pos``. The first checkpoint, verified, stays."""
+    import gradkit.run_folder as run_folder
 
-    def save(obj: object, f: object, *args: object, **kwargs: object) -> None:
-        saves.append(1)
-        if len(saves) == 2:
-            if failure == "enospc":
-                raise OSError(errno.ENOSPC, "No space left on device")
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
-        real_save(obj, f, *args, **kwargs)
+    real_write = run_folder.atomic_write
+    checkpoints = []
 
-    monkeypatch.setattr(torch, "save", save)
+    def atomic_write(path: object, write: object) -> Path:
+        if Path(str(path)).name == "checkpoint.pt":
+            checkpoints.append(path)
+            if len(checkpoints) == 2:
+                def fail(f: object) -> None:
+                    if failure == "enospc":
+                        raise OSError(errno.ENOSPC, "No space left on device")
+                    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+                return real_write(path, fail)  # type: ignore[arg-type]
+        return real_write(path, write)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(run_folder, "atomic_write", atomic_write)
     out = tmp_path / "run"
     code, line = train(capsys, out, "--epochs", "2")
     assert code == 2
     assert line.startswith("gradkit train: error: no space left on device writing ")
-    assert "checkpoint.pt" in line and "the last good checkpoint.pt is kept" in line
+    assert "checkpoint.pt" in line and "is kept" in line
     assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
+    assert RunFolder(out).load_checkpoint()["epoch"] == 1  # and its digest verifies
+    assert not any(p.name.endswith(".tmp") for p in out.iterdir())
 
 
 def test_disk_full_on_a_tiny_tmpfs(mount_point: Path, capsys: pytest.CaptureFixture[str]) -> None:
