@@ -208,7 +208,7 @@ def test_predict_speedups_for_k_devices() -> None:
 def test_bad_arguments_raise_config_error() -> None:
     costs = uniform(4)
     with pytest.raises(
-        ConfigError, match="unknown method 'gpipe' for the cost model; use one of: bp, fr, ddg, dni$"
+        ConfigError, match=f"unknown method 'gpipe' for the cost model; use one of: {', '.join(stage_parallel_names())}$"
     ):
         predict_step_seconds("gpipe", costs, [2, 2])
     with pytest.raises(
@@ -227,7 +227,7 @@ def test_bad_arguments_raise_config_error() -> None:
         choose_stages(costs, 2, "fr", single_process_s=0.0)
     with pytest.raises(ConfigError, match="bandwidth"):
         predict_step_seconds("fr", costs, [4], bandwidth_bytes_per_s=0.0)
-    assert set(stage_parallel_names()) == {"fr", "ddg", "dni", "bp"}
+    assert {"fr", "ddg", "dni", "bp"} <= set(stage_parallel_names())  # tests may register more
 
 
 # --- method knowledge comes from the methods ---------------------------------------------------
