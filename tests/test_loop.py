@@ -128,3 +128,20 @@ def test_stages_split_is_saved_and_too_many_stages_is_an_error(tmp_path: Path, b
     assert len(result.stage_sizes) == 2
     with pytest.raises(ConfigError, match="use --stages <="):
         train(config(None, epochs=1, stages=50), dataset=blobs)
+
+
+def test_warmup_steps_count_across_epochs(blobs: Dataset, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gradkit.methods import Method
+    factors: list[float] = []
+    original = Method.set_lr_factor
+
+    def record(self: Method, factor: float) -> None:
+        factors.append(factor)
+        original(self, factor)
+
+    monkeypatch.setattr(Method, "set_lr_factor", record)
+    result = train(config(None, epochs=2, lr_schedule="constant", warmup_steps=16), dataset=blobs)
+    # 384 samples / 32 = 12 steps per epoch: the warm-up runs into the second epoch.
+    assert factors == pytest.approx([min(1.0, (s + 1) / 16) for s in range(24)])
+    assert result.method is not None
+    assert result.method.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.05)

@@ -57,3 +57,20 @@ def test_bad_config_is_a_one_line_error(kwargs: dict, message: str) -> None:
 def test_default_lr_depends_on_optimizer() -> None:
     assert TrainConfig(optimizer="sgd").effective_lr == 0.05
     assert TrainConfig(optimizer="adam").effective_lr == 0.001
+
+
+def test_warmup_is_linear_in_steps_then_follows_the_schedule() -> None:
+    s = LRSchedule(kind="cosine", warmup_steps=4)
+    # 10 steps per epoch: progress 0.1 is step 1, whose factor is 2/4 of cosine's there.
+    assert s.factor(0.0, total_epochs=2, steps_per_epoch=10) == pytest.approx(0.25)
+    assert s.factor(0.1, total_epochs=2, steps_per_epoch=10) == pytest.approx(
+        0.5 * LRSchedule(kind="cosine").factor(0.1, total_epochs=2))
+    assert s.factor(0.3, total_epochs=2, steps_per_epoch=10) == pytest.approx(
+        LRSchedule(kind="cosine").factor(0.3, total_epochs=2))
+    assert LRSchedule(kind="constant").factor(0.0, total_epochs=2, steps_per_epoch=10) == 1.0
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, True])
+def test_bad_warmup_is_a_one_line_error(bad: object) -> None:
+    with pytest.raises(ConfigError, match="--warmup-steps must be an integer >= 0"):
+        TrainConfig(warmup_steps=bad)  # type: ignore[arg-type]

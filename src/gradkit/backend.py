@@ -117,7 +117,7 @@ def check_resume(config: TrainConfig, saved_config: dict[str, Any], folder: RunF
         raise ConfigError(
             f"--resume with different options than the run in {folder}: {'; '.join(conflicts)}; "
             "use the original options (only --epochs, --threads, --device and the optimizer settings "
-            "--lr, --momentum, --nesterov, --weight-decay, --lr-schedule, --milestones may change)"
+            "--lr, --momentum, --nesterov, --weight-decay, --lr-schedule, --milestones, --warmup-steps may change)"
         )
 
 

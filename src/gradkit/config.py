@@ -41,7 +41,8 @@ _RESUMABLE_CHANGES = frozenset(
 # data order or the layout of the saved optimizer state, so the restored state stays valid. They are
 # applied to the restored optimizers and recorded (config.json "resume_changes", the next epoch record's
 # "changes"). Not among them: the optimizer itself (Adam's state is not SGD's), batch size, seed, data.
-_RESUMABLE_OPTIMIZER_CHANGES = ("lr", "momentum", "nesterov", "weight_decay", "lr_schedule", "milestones")
+_RESUMABLE_OPTIMIZER_CHANGES = ("lr", "momentum", "nesterov", "weight_decay", "lr_schedule", "milestones",
+                                "warmup_steps")
 
 
 @dataclass(kw_only=True)
@@ -105,6 +106,8 @@ class TrainConfig:
     """Learning-rate schedule: ``constant``, ``multistep`` or ``cosine``."""
     schedule: dataclasses.InitVar[str | None] = None
     """Deprecated name of ``lr_schedule`` (kept for one release)."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up over the first this many steps, on top of ``lr_schedule`` (0: none)."""
     milestones: tuple[int, ...] = ()
     """Epochs where ``multistep`` divides the rate by 10 (default: 50% and 75% of training)."""
     seed: int = 0
@@ -221,7 +224,7 @@ class TrainConfig:
 
     def learning_rate_schedule(self) -> LRSchedule:
         """The learning-rate schedule this run uses."""
-        return LRSchedule(kind=self.lr_schedule, milestones=self.milestones)
+        return LRSchedule(kind=self.lr_schedule, milestones=self.milestones, warmup_steps=self.warmup_steps)
 
     @property
     def out_path(self) -> Path | None:

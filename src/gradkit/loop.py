@@ -119,7 +119,8 @@ class Trainer:
             if b.stop_agreed(stop):
                 bar.close()
                 self._interrupted()
-            b.method.set_lr_factor(schedule.factor(epoch + p.step_in_epoch / steps, total_epochs=config.epochs))
+            b.method.set_lr_factor(schedule.factor(epoch + p.step_in_epoch / steps, total_epochs=config.epochs,
+                                                  steps_per_epoch=steps))
             loss = b.train_step(x, y)
             p.step_in_epoch += 1
             p.global_step += 1

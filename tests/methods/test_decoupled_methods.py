@@ -248,3 +248,34 @@ def test_synchronous_pipeline_equals_backprop() -> None:
     first_step = [(e.stage, e.op) for e in method.executor.timeline if e.step == 0]
     assert first_step == [(0, "forward"), (1, "forward"), (2, "loss"), (2, "update"),
                           (1, "backward"), (1, "update"), (0, "backward"), (0, "update")]
+
+
+@pytest.mark.parametrize("name", ["fr", "ddg"])
+@pytest.mark.parametrize(("kind", "scales"), [("inverse", [1 / 3, 1 / 2, 1.0]), ("sqrt", [3**-0.5, 2**-0.5, 1.0]),
+                                               ("none", [1.0, 1.0, 1.0])])
+def test_stale_lr_scales_each_stage_by_the_age_of_its_gradients(name: str, kind: str, scales: list[float]) -> None:
+    method = build(name, gradkit.split(small_model(), 3, balance="count"),
+                   optimizer=OptimizerConfig(lr=0.1).factory(), stale_lr=kind)
+    method.set_lr_factor(0.5)  # the schedule multiplies on top
+    assert [opt.param_groups[0]["lr"] for opt in method.optimizers] == pytest.approx([0.05 * s for s in scales])
+
+
+@pytest.mark.parametrize("name", ["fr", "ddg"])
+def test_clip_grad_norm_bounds_each_stage_update(name: str) -> None:
+    norms: dict[int, list[float]] = {0: [], 1: []}
+    method = build(name, gradkit.split(small_model(), 2, balance="count"), clip_grad_norm=1e-3,
+                   optimizer=OptimizerConfig(lr=0.1).factory())
+    method.update_observers.append(lambda stage, batch, params: norms[stage].append(
+        float(torch.cat([p.grad.flatten() for p in params]).norm())))
+    for x, y in batches(4):
+        method.step(x, y)
+    assert norms[0] and norms[1]
+    assert max(norms[0] + norms[1]) == pytest.approx(1e-3, rel=1e-4)  # raw norms here are far above 1e-3
+
+
+def test_bad_stale_lr_and_clip_are_config_errors() -> None:
+    stages = gradkit.split(small_model(), 2, balance="count")
+    with pytest.raises(ConfigError, match="unknown stale_lr 'half'"):
+        build("fr", stages, stale_lr="half")
+    with pytest.raises(ConfigError, match="clip_grad_norm must be a number >= 0"):
+        build("ddg", stages, clip_grad_norm=-1.0)

@@ -152,6 +152,9 @@ def add_training_args(parser: argparse.ArgumentParser, *, single_method: bool = 
                                                 "--schedule is its old name)")
     how.add_argument("--milestones", type=_milestones, default=(), metavar="E1,E2",
                      help="epochs where multistep divides the rate by 10 (default: 50%%,75%% of --epochs)")
+    how.add_argument("--warmup-steps", type=_non_negative_int, default=_DEFAULTS.warmup_steps, metavar="N",
+                     help="linear learning-rate warm-up over the first N steps, on top of --lr-schedule "
+                          "(default: %(default)s, none)")
     how.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="default: %(default)s")
     how.add_argument("--activations", default=_DEFAULTS.activations, choices=ACTIVATION_MODES,
                      help="activations kept for backward: exact, blpa8/blpa4 (BN->ReLU->Conv codes, "
@@ -228,6 +231,7 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> TrainConf
         weight_decay=args.weight_decay,
         lr_schedule=args.lr_schedule,
         milestones=args.milestones,
+        warmup_steps=getattr(args, "warmup_steps", _DEFAULTS.warmup_steps),
         seed=args.seed,
         threads=args.threads,
         workers=getattr(args, "workers", None),

@@ -32,8 +32,8 @@ pipeline), with cores / K threads each unless --threads says otherwise; under to
 one stage. See README "Stage-parallel training" for several machines.
 
 --resume continues an interrupted run from its checkpoint (same options; only --epochs, --threads,
---device and the optimizer settings --lr, --momentum, --nesterov, --weight-decay, --lr-schedule and
---milestones may change; changed settings are recorded) and ends with the same weights as an
+--device and the optimizer settings --lr, --momentum, --nesterov, --weight-decay, --lr-schedule,
+--milestones and --warmup-steps may change; changed settings are recorded) and ends with the same weights as an
 uninterrupted run. A larger --epochs
 extends a finished run, but with the cosine or default multistep schedule the learning rate then
 follows the new length.

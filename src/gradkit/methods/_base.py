@@ -95,11 +95,12 @@ class Method(ABC):
             observer(stage, batch, params)
 
     def set_lr_factor(self, factor: float) -> None:
-        """Scale every parameter group's initial learning rate by ``factor`` (used by schedules)."""
+        """Scale every parameter group's initial learning rate by ``factor`` (used by schedules) and by
+        the group's own ``lr_scale`` (e.g. a stale stage's smaller steps), if it has one."""
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group.setdefault("initial_lr", group["lr"])
-                group["lr"] = group["initial_lr"] * factor
+                group["lr"] = group["initial_lr"] * factor * group.get("lr_scale", 1.0)
 
     # -- inference --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from gradkit.devices import module_device, move_to
+from gradkit.errors import ConfigError
 from gradkit.memory import tensor_bytes
 from gradkit.methods._base import LossFn, Method
 from gradkit.optim import OptimizerFactory
@@ -17,7 +19,21 @@ from gradkit.pipeline.local import Executor, LocalExecutor
 from gradkit.pipeline.schedule import Schedule
 from gradkit.pipeline.stage import PipelineError, PipelineStage
 
-__all__ = ["PipelineMethod"]
+__all__ = ["PipelineMethod", "STALE_LR", "stale_lr_scale"]
+
+STALE_LR = ("none", "inverse", "sqrt")
+"""Staleness-aware step sizes (``-o stale_lr=...``): a stage whose gradients are τ steps old (FR, DDG:
+τ = K-1-k) gets ``lr / (1+τ)`` (``inverse``, Zhang et al., "Staleness-aware Async-SGD", IJCAI 2016) or
+``lr / sqrt(1+τ)`` (``sqrt``); ``none`` leaves every stage at ``lr``."""
+
+
+def stale_lr_scale(kind: str, staleness: int) -> float:
+    """The learning-rate multiplier of a stage whose gradients are ``staleness`` steps old."""
+    if kind == "inverse":
+        return 1.0 / (1 + staleness)
+    if kind == "sqrt":
+        return 1.0 / math.sqrt(1 + staleness)
+    return 1.0
 
 
 class PipelineMethod(Method):
@@ -56,14 +72,25 @@ class PipelineMethod(Method):
         loss_fn: LossFn | None = None,
         optimizer: OptimizerFactory | None = None,
         record_timeline: bool = False,
+        stale_lr: str = "none",
+        clip_grad_norm: float = 0.0,
     ) -> None:
         super().__init__(stages, loss_fn=loss_fn, optimizer=optimizer)
+        if stale_lr not in STALE_LR:
+            raise ConfigError(f"unknown stale_lr {stale_lr!r}; choose one of: {', '.join(STALE_LR)}")
+        if isinstance(clip_grad_norm, bool) or not isinstance(clip_grad_norm, (int, float)) or not (
+                math.isfinite(clip_grad_norm) and clip_grad_norm >= 0):
+            raise ConfigError(f"clip_grad_norm must be a number >= 0 (0: no clipping), got {clip_grad_norm!r}")
         self.schedule = self.schedule_for(len(self.stages), **self.schedule_options())
         self.pipeline_stages: list[PipelineStage] = []
         for k, stage in enumerate(self.stages):
             params = [p for p in stage.parameters() if p.requires_grad]
             pipeline_stage = self.make_stage(k, stage, self.optimizer_factory(params))
             pipeline_stage.observers = self.update_observers
+            pipeline_stage.clip_grad_norm = float(clip_grad_norm)
+            scale = stale_lr_scale(stale_lr, self.schedule.first_update(k))
+            for group in pipeline_stage.optimizer.param_groups:
+                group["lr_scale"] = group.get("lr_scale", 1.0) * scale
             self.pipeline_stages.append(pipeline_stage)
         self.executor: Executor = LocalExecutor(self.schedule, self.pipeline_stages,
                                                 record_timeline=record_timeline)

@@ -119,6 +119,9 @@ class FeaturesReplay(PipelineMethod):
             or ``"reference"`` (play and replay both update them, as the reference code does).
         double_first_lr: double the first stage's learning rate, a quirk of the reference code.
         record_timeline: keep every executed action in ``executor.timeline``.
+        stale_lr: ``none``, ``inverse`` or ``sqrt``: stage k's learning rate divided by ``1+τ`` or
+            ``sqrt(1+τ)``, τ = K-1-k the age of its gradients (:data:`gradkit.methods._pipelined.STALE_LR`).
+        clip_grad_norm: clip each stage's gradient to this norm before its update (0: off).
 
     Example:
         >>> method = gradkit.methods.build("fr", gradkit.split(model, 3), optimizer=factory)
@@ -138,11 +141,14 @@ class FeaturesReplay(PipelineMethod):
         bn_policy: str = "play",
         double_first_lr: bool = False,
         record_timeline: bool = False,
+        stale_lr: str = "none",
+        clip_grad_norm: float = 0.0,
     ) -> None:
         if bn_policy not in BN_POLICIES:
             raise ConfigError(f"unknown bn_policy {bn_policy!r}; choose one of: {', '.join(BN_POLICIES)}")
         self.bn_policy = bn_policy
-        super().__init__(stages, loss_fn=loss_fn, optimizer=optimizer, record_timeline=record_timeline)
+        super().__init__(stages, loss_fn=loss_fn, optimizer=optimizer, record_timeline=record_timeline,
+                         stale_lr=stale_lr, clip_grad_norm=clip_grad_norm)
         if double_first_lr and len(self.stages) > 1:
             for group in self.pipeline_stages[0].optimizer.param_groups:
                 group["lr"] *= 2.0

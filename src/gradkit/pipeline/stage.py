@@ -44,6 +44,8 @@ class PipelineStage(ABC):
         self.loss_fn = loss_fn
         self.observers: list[UpdateObserver] = []
         self.last_loss: float | None = None
+        self.clip_grad_norm = 0.0
+        """Largest norm of this stage's gradient before its update (0: no clipping)."""
         """Loss of the most recent ``loss`` action (last stage only)."""
 
     @property
@@ -72,7 +74,11 @@ class PipelineStage(ABC):
         return [p for p in self.module.parameters() if p.requires_grad]
 
     def update(self, batch: int) -> None:
-        """Optimizer step with the gradients in ``p.grad`` (observers see them first)."""
+        """Optimizer step with the gradients in ``p.grad``, clipped to ``clip_grad_norm`` if set
+        (observers see them first, as applied)."""
+        if self.clip_grad_norm:
+            # Per stage: a global norm would need every stage's gradient, which is what pipelines avoid.
+            torch.nn.utils.clip_grad_norm_(self.params(), self.clip_grad_norm)
         for observer in self.observers:
             observer(self.index, batch, self.params())
         self.optimizer.step()
