@@ -158,3 +158,15 @@ def test_method_option_flag_parses_values_and_rejects_unknown_keys(capsys):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("gradkit train: error: method 'bp' does not take option 'nosuch'")
+
+
+def test_warmup_steps_reaches_the_config() -> None:
+    import argparse
+
+    from gradkit.cli._parser import add_training_args, config_from_args
+    parser = argparse.ArgumentParser()
+    add_training_args(parser)
+    assert config_from_args(parser.parse_args(["--warmup-steps", "50"])).warmup_steps == 50
+    assert config_from_args(parser.parse_args([])).warmup_steps == 0
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--warmup-steps", "-1"])
