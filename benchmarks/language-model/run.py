@@ -290,14 +290,16 @@ def report(path: Path) -> None:
         if "error" in r:
             return f"| {r['name']} | fails: {r['error'][:120]} | | | | | | |"
         ref = by_inv.get(r["invocation"], bp)
+        other = "" if r["invocation"] == ref["invocation"] else "*"  # bp of another invocation: noisier
         sigma = "-" if r.get("sigma_mean") is None else f"{r['sigma_mean']:.2f} / {r['cosine_mean']:.2f}"
-        return (f"| {r['name']} | {r['val_loss']:.3f} | {r['val_loss'] - ref['val_loss']:+.3f} | {r['val_bpc']:.3f} | "
-                f"{r['train_loss_last50']:.3f} | {_mib(r['activation_bytes'])} | "
-                f"{r['activation_bytes'] / ref['activation_bytes']:.2f}x | "
-                f"{r['median_step_s'] / ref['median_step_s']:.2f}x | {sigma} |")
+        split = "" if r["stages"] == 1 else f" ({'+'.join(map(str, r['stage_sizes']))})"
+        return (f"| {r['name']}{split} | {r['val_loss']:.3f} | {r['val_loss'] - bp['val_loss']:+.3f} | "
+                f"{r['val_bpc']:.3f} | {r['train_loss_last50']:.3f} | {_mib(r['activation_bytes'])} | "
+                f"{r['activation_bytes'] / bp['activation_bytes']:.2f}x | "
+                f"{r['median_step_s'] / ref['median_step_s']:.2f}x{other} | {sigma} |")
 
-    head = ("| run | val loss | vs bp | val bpc | train loss (last 50) | saved for backward + buffers | vs bp | "
-            "step time vs bp | σ / cos (mean) |\n|---|---|---|---|---|---|---|---|---|")
+    head = ("| run (blocks per stage) | val loss | vs bp | val bpc | train loss (last 50) | saved for backward + "
+            "buffers | vs bp | step time vs bp | σ / cos (mean) |\n|---|---|---|---|---|---|---|---|---|")
     for group in ("methods", "activations", "fr4"):
         print(f"\n### {group}\n\n{head}")
         if group != "methods":
