@@ -21,7 +21,7 @@ Example:
 from gradkit.compress._blpa import apply_blpa, bn_relu_conv, remove_blpa
 from gradkit.compress._check import LayerGradient, check_gradients
 from gradkit.compress._hooks import ActivationCompressor, SavedRecord
-from gradkit.compress._measure import ActivationMemory, measure_activations
+from gradkit.compress._measure import ActivationMemory, LiveTensorPeak, measure_activations
 from gradkit.compress._modes import MODES, Activations, ModeSpec, parse_mode
 from gradkit.compress._native import MAX_GROUP as MAX_GROUP_SIZE
 from gradkit.compress._quant import Packed, pack, pack_reference, unpack, unpack_reference
@@ -31,6 +31,7 @@ __all__ = [
     "MODES",
     "ActivationCompressor",
     "ActivationMemory",
+    "LiveTensorPeak",
     "Activations",
     "LayerGradient",
     "ModeSpec",
