@@ -82,7 +82,10 @@ def flat_blocks(stages: Sequence[nn.Module]) -> tuple[list[nn.Module], list[str]
     """Top-level blocks of all stages in order, their names, and the stage each belongs to."""
     blocks, names, owner = [], [], []
     for s, stage in enumerate(stages):
-        children = list(stage.named_children()) if isinstance(stage, nn.Sequential) else [(f"stage{s}", stage)]
+        # Not named_children(): it lists a block used twice (at two positions) once, and these blocks
+        # are run in order, as nn.Sequential runs them.
+        children = ([(n, m) for n, m in stage._modules.items() if m is not None]
+                    if isinstance(stage, nn.Sequential) else [(f"stage{s}", stage)])
         for name, block in children:
             blocks.append(block)
             names.append(name)
