@@ -3,6 +3,8 @@ optimizer, and updated once per step with the sum of the gradients of all their 
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 from torch import nn
@@ -132,3 +134,32 @@ def test_a_stage_whose_only_parameters_are_shared_still_trains() -> None:
         x, y = torch.randn(5, 4, generator=g), torch.randint(0, 3, (5,), generator=g)
         assert method.step(x, y) == plain.step(x, y)
     assert same_weights(model, ref)
+
+
+@pytest.mark.parametrize("shards", [False, True], ids=["state_dict", "shards"])
+def test_resume_mid_pipeline_restores_the_shared_optimizer(shards: bool) -> None:
+    """The shared parameter's optimizer state is saved (in every holder's shard with --workers) and a
+    resumed run continues bit for bit."""
+    data = batches(6)
+    opt = OptimizerConfig(name="adam", lr=0.01)
+    a = build("fr", split(tiny_gpt(), sizes=[2, 2]), optimizer=opt.factory())
+    losses_a = [a.step(x, y) for x, y in data]
+
+    b = build("fr", split(tiny_gpt(), sizes=[2, 2]), optimizer=opt.factory())
+    losses_b = [b.step(x, y) for x, y in data[:3]]
+    buf = io.BytesIO()
+    torch.save([b.shard_state(k) for k in range(2)] if shards else b.state_dict(), buf)  # type: ignore[attr-defined]
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    torch.manual_seed(5)
+    c = build("fr", split(build_model("gpt", (T,), VOCAB, layers=2, width=16, heads=2), sizes=[2, 2]),
+              optimizer=opt.factory())
+    if shards:
+        for k, shard in enumerate(state):
+            c.load_shard_state(k, shard)  # type: ignore[attr-defined]
+    else:
+        c.load_state_dict(state)
+    losses_b += [c.step(x, y) for x, y in data[3:]]
+    assert losses_b == losses_a
+    for p, q in zip(a.parameters(), c.parameters(), strict=True):
+        assert torch.equal(p, q)
