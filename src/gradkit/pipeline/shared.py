@@ -14,6 +14,11 @@ process; an all-reduce among the ranks holding the parameter with one process pe
 pipeline-parallel language models do for tied embeddings: Shoeybi et al., "Megatron-LM", 2019;
 Narayanan et al., SC 2021), then one optimizer steps and the gradient is cleared. Every copy applies
 the same sum with the same optimizer state, so copies on different ranks never drift.
+
+The sum is over the uses that computed a gradient in that step. With stale-gradient methods those come
+from different batches: under FR and DDG with K stages, the use in stage k trains on batch t-(K-1-k) at
+step t (so a tied embedding's update at step t is the head's gradient of batch t plus the embedding's
+of batch t-K+1), exactly as each stage's own parameters do.
 """
 
 from __future__ import annotations
