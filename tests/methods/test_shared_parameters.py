@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from gradkit.errors import ConfigError
 from gradkit.losses import cross_entropy
 from gradkit.methods import build
 from gradkit.models import build_model
@@ -163,3 +164,12 @@ def test_resume_mid_pipeline_restores_the_shared_optimizer(shards: bool) -> None
     assert losses_b == losses_a
     for p, q in zip(a.parameters(), c.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_a_checkpoint_with_another_number_of_optimizers_is_a_config_error() -> None:
+    """A checkpoint written while the tied weight sat in two stage optimizers (no shared optimizer)."""
+    method = build("fr", split(tiny_gpt(), sizes=[2, 2]))
+    state = method.state_dict()
+    state["optimizers"] = state["optimizers"][:-1]
+    with pytest.raises(ConfigError, match="holds 2 optimizer states but fr on this model has 3.*start a new run"):
+        method.load_state_dict(state)
