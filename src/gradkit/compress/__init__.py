@@ -24,7 +24,14 @@ Example:
 """
 
 from gradkit.compress._blpa import apply_blpa, bn_relu_conv, remove_blpa
-from gradkit.compress._check import LayerGradient, check_gradients
+from gradkit.compress._check import (
+    GradientCheck,
+    LayerGradient,
+    check_gradients,
+    load_weights,
+    pretrain,
+    track_gradients,
+)
 from gradkit.compress._hooks import ActivationCompressor, SavedRecord
 from gradkit.compress._measure import ActivationMemory, measure_activations
 from gradkit.compress._modes import ATTENTION_BITS, MODES, Activations, ModeSpec, parse_attention_bits, parse_mode
@@ -38,6 +45,7 @@ __all__ = [
     "ActivationCompressor",
     "ActivationMemory",
     "Activations",
+    "GradientCheck",
     "LayerGradient",
     "ModeSpec",
     "Packed",
@@ -45,12 +53,15 @@ __all__ = [
     "apply_blpa",
     "bn_relu_conv",
     "check_gradients",
+    "load_weights",
     "measure_activations",
     "pack",
     "pack_reference",
     "parse_attention_bits",
+    "pretrain",
     "parse_mode",
     "remove_blpa",
+    "track_gradients",
     "unpack",
     "unpack_reference",
 ]

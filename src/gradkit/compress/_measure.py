@@ -7,11 +7,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gradkit.compress._hooks import SavedRecord
 from gradkit.compress._modes import Activations
+from gradkit.losses import cross_entropy
 
 __all__ = ["ActivationMemory", "measure_activations"]
 
@@ -57,7 +57,7 @@ def measure_activations(
     y: torch.Tensor,
     mode: str,
     *,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy,
     exact_bytes: int | None = None,
     **options: object,
 ) -> ActivationMemory:
