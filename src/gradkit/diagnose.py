@@ -90,9 +90,9 @@ def diagnose(config: TrainConfig, *, dataset: Dataset | None = None, repeats: in
                                           optimizer=config.optimizer_config().factory())
     if lowbit:
         torch.manual_seed(config.seed)
-        layers = check_gradients(model, (x, y), config.activations, seed=config.seed,
-                                 group_size=config.activation_group_size, attention_bits=config.attention_bits)
-        summary = GradientCheck.of(trained["train_steps"], layers)
+        checked = check_gradients(model, (x, y), config.activations, seed=config.seed,
+                                  group_size=config.activation_group_size, attention_bits=config.attention_bits)
+        summary = GradientCheck.of(trained["train_steps"], checked)
         return {
             "check": "activations",
             "activations": config.activations,
@@ -104,7 +104,7 @@ def diagnose(config: TrainConfig, *, dataset: Dataset | None = None, repeats: in
             "median_cosine": summary.median,
             "min_cosine": summary.min,
             "worst_layer": summary.worst,
-            "layers": [vars(r) for r in layers],
+            "layers": [vars(r) for r in checked],
         }
     # The loop's split, except that "time" (profiled, machine-dependent) falls back to "params".
     balance = "params" if config.balance == "time" else config.balance

@@ -34,7 +34,14 @@ from gradkit.compress._check import (
 )
 from gradkit.compress._hooks import ActivationCompressor, SavedRecord
 from gradkit.compress._measure import ActivationMemory, measure_activations
-from gradkit.compress._modes import ATTENTION_BITS, MODES, Activations, ModeSpec, parse_attention_bits, parse_mode
+from gradkit.compress._modes import (
+    ATTENTION_BITS,
+    MODES,
+    Activations,
+    ModeSpec,
+    parse_attention_bits,
+    parse_mode,
+)
 from gradkit.compress._native import MAX_GROUP as MAX_GROUP_SIZE
 from gradkit.compress._quant import Packed, pack, pack_reference, unpack, unpack_reference
 

@@ -211,7 +211,7 @@ def track_gradients(
     loss_fn: LossFn = cross_entropy,
     optimizer: OptimizerFactory | None = None,
     seed: int = 0,
-    **options: object,
+    **options: Any,
 ) -> list[GradientCheck]:
     """Per-layer agreement of ``mode`` with exact gradients at steps 0, ``every``, 2 ``every``, ... of
     exact backprop training of a copy of ``model`` (``model`` itself is not touched).
