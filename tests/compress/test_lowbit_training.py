@@ -236,6 +236,9 @@ def test_track_gradients_checks_along_training() -> None:
     pretrain(trained, iter(train[1:]), 5)  # one optimizer across the checks: equal to 5 steps in one go
     assert checks[-1].layers == check_gradients(trained, batch, "int2")
     assert checks[-1].to_dict()["step"] == 5 and checks[-1].min <= checks[-1].median
+    # Trained under int2 itself: other weights, so another check at step 2.
+    lowbit = track_gradients(model, iter(train), "int2", steps=2, every=2, train_mode="int2")
+    assert lowbit[0] == checks[0] and lowbit[1].step == 2 and lowbit[1].layers != checks[1].layers
 
 
 def test_diagnose_checks_activations_after_training_steps(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -99,21 +99,30 @@ def _optimizer(model: nn.Module, factory: OptimizerFactory | None) -> torch.opti
 
 
 def pretrain(model: nn.Module, batches: Iterable[Batch], steps: int, *, loss_fn: LossFn = cross_entropy,
-             optimizer: OptimizerFactory | None = None) -> int:
-    """Train ``model`` in place for ``steps`` exact backprop steps on ``batches`` (default Adam, lr 1e-3),
-    so that a gradient check sees trained weights; returns the steps taken (fewer if batches run out)."""
-    return _train(model, batches, steps, loss_fn, _optimizer(model, optimizer))
+             optimizer: OptimizerFactory | None = None, mode: str = "exact", **options: Any) -> int:
+    """Train ``model`` in place for ``steps`` backprop steps on ``batches`` (default Adam, lr 1e-3), so that
+    a gradient check sees trained weights; returns the steps taken (fewer if batches run out).
+
+    ``mode`` (and ``options``, as :class:`Activations` takes them) trains under an ``--activations``
+    mode, e.g. to check the weights that int2 training itself reaches."""
+    return _train(model, batches, steps, loss_fn, _optimizer(model, optimizer), mode, options)
 
 
 def _train(model: nn.Module, batches: Iterable[Batch], steps: int, loss_fn: LossFn,
-           opt: torch.optim.Optimizer) -> int:
+           opt: torch.optim.Optimizer, mode: str = "exact", options: Mapping[str, Any] | None = None) -> int:
     model.train()
+    act = Activations(model, mode, **(options or {}))
     taken = 0
-    for x, y in itertools.islice(batches, steps):
-        opt.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
-        opt.step()
-        taken += 1
+    try:
+        for x, y in itertools.islice(batches, steps):
+            opt.zero_grad(set_to_none=True)
+            with act:
+                loss = loss_fn(model(x), y)
+            loss.backward()
+            opt.step()
+            taken += 1
+    finally:
+        act.close()
     opt.zero_grad(set_to_none=True)
     return taken
 
@@ -211,10 +220,12 @@ def track_gradients(
     loss_fn: LossFn = cross_entropy,
     optimizer: OptimizerFactory | None = None,
     seed: int = 0,
+    train_mode: str = "exact",
     **options: Any,
 ) -> list[GradientCheck]:
     """Per-layer agreement of ``mode`` with exact gradients at steps 0, ``every``, 2 ``every``, ... of
-    exact backprop training of a copy of ``model`` (``model`` itself is not touched).
+    backprop training of a copy of ``model`` (``model`` itself is not touched), exact or under
+    ``train_mode`` (e.g. ``mode`` itself: the weights a low-bit run really reaches).
 
     What a benchmark plots to see whether a low-bit mode stays right while the model learns. Each check
     is :func:`check_gradients` on ``probe`` (default: the first batch, which is then not trained on).
@@ -234,7 +245,8 @@ def track_gradients(
     checks = [GradientCheck.of(0, check_gradients(model, probe, mode, loss_fn=loss_fn, seed=seed, **options))]
     done = 0
     while done < steps:
-        taken = _train(model, it, min(every, steps - done), loss_fn, opt)
+        taken = _train(model, it, min(every, steps - done), loss_fn, opt, train_mode,
+                       options if train_mode != "exact" else None)
         if taken == 0:
             break
         done += taken
