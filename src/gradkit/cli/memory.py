@@ -125,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
     if len(results) == 1:
         r = results[0]
         table = [(rec.module or "-", "x".join(map(str, rec.shape)), str(rec.dtype).replace("torch.", ""),
-                 rec.kind, format_bytes(rec.exact_bytes), format_bytes(rec.stored_bytes))
+                 rec.kind + (f" ({rec.rule})" if rec.rule else ""), format_bytes(rec.exact_bytes),
+                 format_bytes(rec.stored_bytes))
                 for rec in r.records]
         print(format_table(("module", "shape", "dtype", "kept as", "exact", "stored"), table))
     summary = [(r.mode, format_bytes(r.exact_bytes), format_bytes(r.stored_bytes), f"{r.ratio:.2f}x")
