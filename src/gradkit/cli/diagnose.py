@@ -17,7 +17,7 @@ With --activations MODE (int8, int4, int2, blpa...), compare backprop under MODE
 instead (cosine and relative error per layer).
 
 A check at initialisation can pass where a trained model fails (int2 on a GPT: median cosine 0.997 at
-initialisation, 0.52 after 300 steps when attention is not kept at 8 bits), so check at trained weights:
+initialisation, 0.57 after 300 steps when attention is not kept at 8 bits), so check at trained weights:
 --weights RUN_DIR (a finished `gradkit train` run of the same --model/--data, or its model.pt), or
 --train-steps N (N steps of exact backprop with --optimizer/--lr first, on the batches after the
 checked one).

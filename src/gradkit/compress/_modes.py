@@ -44,8 +44,8 @@ MODES: dict[str, ModeSpec] = {
         ModeSpec("blpa4", 4, blpa=True, help="as blpa8 with 4-bit codes (~8x less activation memory)"),
         ModeSpec("int8", 8, help="every saved activation as 8-bit per-group codes (GACT-style)"),
         ModeSpec("int4", 4, help="every saved activation as 4-bit per-group codes"),
-        # int2 breaks attention once it is trained (median gradient cosine 0.52 after 300 steps of a
-        # GPT, 0.95 with attention at 8 bits; int4 0.99 either way): see _rules.
+        # int2 breaks attention once it is trained (median gradient cosine 0.57 after 300 steps of a
+        # GPT, 0.94 with attention at 8 bits; int4 0.99): see _rules.
         ModeSpec("int2", 2, attention_bits=8, help="every saved activation as 2-bit per-group codes "
                  "(ActNN-style); attention's inputs and outputs at 8 bits"),
         ModeSpec("naive8", 8, naive=True, help="baseline: activations quantised to 8 bits in the forward "

@@ -7,9 +7,11 @@ cases are sensitive enough here to be rules rather than measurements:
 * **Attention.** ``scaled_dot_product_attention`` keeps only q, k, v, its output and the row
   log-sum-exp; backward *recomputes* the attention weights ``exp(q k^T / sqrt(d) - lse)`` from the
   stored q and k. With 2-bit q and k that recomputation is wrong by ``exp(error)`` per weight, and the
-  error grows as training sharpens attention: a 4-layer GPT at int2 had median per-layer gradient cosine
-  0.997 at initialisation but 0.52 (min -0.49) after 300 steps; the same tensors at 8 bits give 0.90,
-  plus the attention output 0.93 (measured in this package's notes, issue 14). Tensors saved inside a
+  error grows as training sharpens attention: a 4-layer, 128-wide GPT at int2 had median per-layer
+  gradient cosine 0.997 at initialisation but 0.57 (min -0.54) after 300 steps; with attention at 8 bits
+  0.94 (min 0.81). Of that, SDPA's own tensors at 8 bits gave most (0.52 -> 0.90 at another 300-step
+  checkpoint), the attention output the rest (0.93); the q/k/v projection's input little (issue 14).
+  Tensors saved inside a
   call to ``scaled_dot_product_attention``, ``multi_head_attention_forward`` (``nn.MultiheadAttention``,
   ``nn.Transformer*``) or ``softmax`` (hand-written attention: its weights), and tensors that are views
   or copies of an attention call's output (the output projection's input), count as attention.
