@@ -9,13 +9,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from gradkit.compress._hooks import SavedRecord
 from gradkit.compress._modes import Activations
+from gradkit.losses import cross_entropy
 
 __all__ = ["ActivationMemory", "LiveTensorPeak", "measure_activations"]
 
@@ -61,7 +61,7 @@ def measure_activations(
     y: torch.Tensor,
     mode: str,
     *,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy,
     exact_bytes: int | None = None,
     **options: object,
 ) -> ActivationMemory:

@@ -144,7 +144,8 @@ class StageProcessBackend(Backend):
                        stage_parallel=True, **config.method_options)
         assert isinstance(method, PipelineMethod)
         self.method: PipelineMethod = method
-        self.activations = Activations(self.model, config.activations, group_size=config.activation_group_size)
+        self.activations = Activations(self.model, config.activations, group_size=config.activation_group_size,
+                                       attention_bits=config.attention_bits)
         self.method.prepare(setup["sample"].to(ctx.device))
         self.shared_memory = ctx.shared_memory()
         self.executor = DistributedExecutor(self.method.schedule, self.method.pipeline_stages[self.rank],
