@@ -31,6 +31,7 @@ import argparse
 import json
 import math
 import statistics
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -86,8 +87,20 @@ def _env(args: argparse.Namespace) -> dict[str, Any]:
             "threads": args.threads, "device": args.device, "cuda": env["cuda_available"]}
 
 
+def _commit() -> str:
+    """The code measured: the checkout's commit (``+`` if it has uncommitted changes)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "../../src"], cwd=HERE,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+" if dirty else "")
+
+
 def _write(args: argparse.Namespace, record: dict[str, Any]) -> None:
-    record = {**record, "invocation": args.invocation, "date": time.strftime("%Y-%m-%d %H:%M"),
+    record = {**record, "commit": args.commit, "invocation": args.invocation, "date": time.strftime("%Y-%m-%d %H:%M"),
               "steps": args.steps, "batch_size": args.batch_size, "context": args.context,
               "quick": args.quick, "env": _env(args)}
     print(json.dumps({k: v for k, v in record.items() if k not in ("curve", "env", "stages_detail")}), flush=True)
@@ -194,15 +207,21 @@ def diagnose_one(name: str, args: argparse.Namespace, data: Dataset) -> dict[str
             continue
         applied: dict[int, tuple[int, dict[int, torch.Tensor]]] = {}
         method.update_observers.append(lambda s, b, ps, into=applied: into.__setitem__(
-            s, (b, {id(p): p.grad.detach().clone() for p in ps if p.grad is not None})))
+            s if b >= 0 else -1, (b, {id(p): p.grad.detach().clone() for p in ps if p.grad is not None})))
         truth = {b: dict(zip(map(id, params), true_gradient(method, *seen[b]), strict=True))
                  for b in range(step - k + 1, step + 1)}
         losses.append(method.step(x, y))
         method.update_observers.pop()
         row: dict[str, Any] = {"step": step, "stages": []}
         dot = norm_f = 0.0
+        shared = applied.pop(-1, None)  # one update of the parameters held by several stages (the tie)
+        if shared is not None and id(tied) in shared[1]:
+            row["tied"] = [{"stage": "shared", "cos_with_total": round(float(F.cosine_similarity(
+                shared[1][id(tied)].flatten(), truth[step][id(tied)].flatten(), dim=0)), 4)}]
         for s, (batch, grads) in sorted(applied.items()):
             ids = [i for i in grads if owner.get(i) == s]
+            if not ids:
+                continue
             g = torch.cat([grads[i].flatten() for i in ids])
             same = torch.cat([truth[batch][i].flatten() for i in ids])
             fresh = torch.cat([truth[step][i].flatten() for i in ids])
@@ -215,6 +234,8 @@ def diagnose_one(name: str, args: argparse.Namespace, data: Dataset) -> dict[str
                 row.setdefault("tied", []).append(
                     {"stage": s, "cos_with_total": round(float(F.cosine_similarity(grads[id(tied)].flatten(),
                                                                                   total, dim=0)), 4)})
+        if shared is not None:
+            applied[-1] = shared
         for p in params:
             f = truth[step][id(p)].double()
             norm_f += float(f.pow(2).sum())
@@ -257,6 +278,7 @@ def main() -> None:
         args.steps, args.eval_windows, args.context, args.batch_size = 6, 16, 16, 4
         args.measure_every = args.diagnose_every = 3
     args.invocation = time.strftime("%Y%m%dT%H%M%S")
+    args.commit = _commit()
     torch.set_num_threads(args.threads)
     groups = set(args.groups.split(","))
     only = set(filter(None, args.only.split(",")))
@@ -325,7 +347,7 @@ def report(path: Path) -> None:
         print("|---" * (k + 3) + "|")
         for smp in r["samples"]:
             cells = {c["stage"]: c for c in smp["stages"]}
-            tied = ", ".join(f"s{t['stage']} {t['cos_with_total']:.2f}" for t in smp.get("tied", []))
+            tied = ", ".join(f"{t['stage']} {t['cos_with_total']:.2f}" for t in smp.get("tied", []))
             print(f"| {smp['step']} | {smp['sigma']} | " + " | ".join(
                 f"{cells[s]['cos_same_batch']:.2f} / {cells[s]['cos_new_batch']:.2f}" if s in cells else "-"
                 for s in range(k - 1)) + f" | {cells[k - 1]['cos_same_batch']:.2f} | {tied} |")
