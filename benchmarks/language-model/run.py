@@ -16,7 +16,8 @@ Groups (``--groups``, comma-separated; default: all):
   fr4          fr K=4 with the literature's remedies: lr warm-up, staleness-aware step sizes,
                per-stage gradient clipping, and the tie of embedding and head broken
   diagnose     fr K=2 and K=4 driven step by step: per stage, the cosine of the gradient it applies
-               with the true backprop gradient (same batch, current weights) and σ
+               with the true backprop gradient (same batch, current weights) and σ; and backprop
+               with FR's batch timing but exact gradients (bp-delayed-batches-k4)
 
     python benchmarks/language-model/run.py                        # everything, CPU (~15 min idle)
     python benchmarks/language-model/run.py --groups methods,activations
@@ -252,6 +253,46 @@ def diagnose_one(name: str, args: argparse.Namespace, data: Dataset) -> dict[str
                       for i in range(0, len(losses) - window + 1, window)]}
 
 
+def delayed_batches(args: argparse.Namespace, data: Dataset, k: int = 4) -> dict[str, Any]:
+    """FR's batch timing without its stale weights or δ: at step t, stage k gets the exact gradient,
+    at the current weights, of the batch FR would give it (t-(K-1-k)), by full backprop on each of
+    the K batches. The untied model, so every parameter belongs to one stage. If this stalls like
+    fr-k4-untied, the stall comes from stages stepping on different batches, not from staleness."""
+    torch.manual_seed(0)
+    options = {"layers": 2, "width": 32} if args.quick else {}
+    model = untied_gpt(data.info.input_shape, data.info.num_classes, **options)
+    stages = gradkit.split(model, k, balance="params")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=0.0)
+    loader = BatchLoader(data.train_x, data.train_y, data.info, args.batch_size, train=True, seed=0)
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    losses = []
+    for step, (x, y) in enumerate(loader.epoch(0)):
+        seen[step] = (x, y)
+        seen.pop(step - k, None)
+        opt.zero_grad(set_to_none=True)
+        for s, stage in enumerate(stages):
+            b = step - (k - 1 - s)
+            if b < 0:  # FR's warm-up: stage s does not update in its first K-1-s steps
+                continue
+            params = [p for p in stage.parameters() if p.requires_grad]
+            loss = cross_entropy(model(seen[b][0]), seen[b][1])
+            for p, g in zip(params, torch.autograd.grad(loss, params), strict=True):
+                p.grad = g
+            if b == step:
+                losses.append(loss.item())
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        val = statistics.fmean(float(cross_entropy(model(data.test_x[i:i + 256]), data.test_y[i:i + 256]))
+                               for i in range(0, len(data.test_y), 256))
+    window = max(1, args.steps // 12)
+    return {"bench": "delayed-batches", "name": f"bp-delayed-batches-k{k}", "model": "gpt (untied)",
+            "stage_sizes": [len(s) for s in stages], "val_loss": round(val, 4), "val_bpc": round(val / LN2, 4),
+            "train_loss_last50": round(statistics.fmean(losses[-50:]), 4),
+            "curve": [[i + window, round(statistics.fmean(losses[i:i + window]), 4)]
+                      for i in range(0, len(losses) - window + 1, window)]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--groups", default=",".join(GROUPS), help="comma-separated: " + ", ".join(GROUPS))
@@ -292,6 +333,8 @@ def main() -> None:
         for name in DIAGNOSE:
             if not only or name in only:
                 _write(args, diagnose_one(name, args, data))
+        if not only or "bp-delayed-batches-k4" in only:
+            _write(args, delayed_batches(args, data))
 
 
 def _mib(b: int | None) -> str:
