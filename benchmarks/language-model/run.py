@@ -353,7 +353,7 @@ def report(path: Path) -> None:
 
     def line(r: dict[str, Any]) -> str:
         if "error" in r:
-            return f"| {r['name']} | fails: {r['error'][:120]} | | | | | | |"
+            return f"| {r['name']} | fails: {r['error'][:120]} | | | | | | | | |"
         ref = by_inv.get(r["invocation"], bp)
         other = "" if r["invocation"] == ref["invocation"] else "*"  # bp of another invocation: noisier
         sigma = "-" if r.get("sigma_mean") is None else f"{r['sigma_mean']:.2f} / {r['cosine_mean']:.2f}"
@@ -361,10 +361,10 @@ def report(path: Path) -> None:
         return (f"| {r['name']}{split} | {r['val_loss']:.3f} | {r['val_loss'] - bp['val_loss']:+.3f} | "
                 f"{r['val_bpc']:.3f} | {r['train_loss_last50']:.3f} | {_mib(r['activation_bytes'])} | "
                 f"{r['activation_bytes'] / bp['activation_bytes']:.2f}x | "
-                f"{r['median_step_s'] / ref['median_step_s']:.2f}x{other} | {sigma} |")
+                f"{r['median_step_s'] / ref['median_step_s']:.2f}x{other} | {sigma} | {r.get('commit', '05bd17d+')} |")
 
     head = ("| run (blocks per stage) | val loss | vs bp | val bpc | train loss (last 50) | saved for backward + "
-            "buffers | vs bp | step time vs bp | σ / cos (mean) |\n|---|---|---|---|---|---|---|---|---|")
+            "buffers | vs bp | step time vs bp | σ / cos (mean) | code |\n|---|---|---|---|---|---|---|---|---|---|")
     for group in ("methods", "activations", "fr4"):
         print(f"\n### {group}\n\n{head}")
         if group != "methods":
@@ -382,9 +382,12 @@ def report(path: Path) -> None:
         if "curve" in r:
             print(f"- {r['name']}: " + " ".join(f"{s}:{v:.2f}" for s, v in r["curve"]))
     for r in rows:
+        if r["bench"] == "delayed-batches":
+            print(f"\n{r['name']} ({r['model']}, {r.get('commit')}): val loss {r['val_loss']:.3f}, "
+                  "curve " + " ".join(f"{s}:{v:.2f}" for s, v in r["curve"]))
         if r["bench"] != "diagnose":
             continue
-        print(f"\n### per-stage cosines, {r['name']} (stage sizes {r['stage_sizes']})\n")
+        print(f"\n### per-stage cosines, {r['name']} (stage sizes {r['stage_sizes']}, code {r.get('commit', '05bd17d+')})\n")
         k = r["stages"]
         print("| step | σ | " + " | ".join(f"stage {s} same / new batch" for s in range(k - 1)) + " | last stage | tied |")
         print("|---" * (k + 3) + "|")
