@@ -20,6 +20,8 @@ from gradkit.losses import cross_entropy
 from gradkit.methods import build
 from gradkit.models import build_model
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: one thread is far faster
+
 VOCAB, CONTEXT = 12, 8
 SMALL = ["--data", "digits", "--limit-train", "64", "--limit-test", "32", "--batch-size", "16", "--epochs", "1",
          "--threads", "1", "--no-progress"]

@@ -16,8 +16,12 @@ from gradkit.models import build_model
 from gradkit.optim import OptimizerConfig
 from gradkit.stages import split
 
-VOCAB, CONTEXT, STEPS = 12, 8, 8
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: one thread is far faster
+
+VOCAB, CONTEXT = 12, 8
 EXACT = {"bp", "fr", "ddg"}  # exact (possibly delayed) gradients: the loss must fall in a few steps
+STEPS = 8  # for EXACT and dni (whose lower stage moves once its synthesizer has fitted a true δ)
+ESTIMATOR_STEPS = 2  # forward-only estimators only need to move every weight
 
 
 def _tiny() -> torch.nn.Sequential:
@@ -55,7 +59,7 @@ def test_every_method_trains_every_block(name: str, stages: int, options: dict[s
     parts = split(model, stages, balance="count") if stages > 1 else [model]
     method = build(name, parts, optimizer=_adam(), **options)
     x, y = _batch()
-    losses = [method.step(x, y) for _ in range(STEPS)]
+    losses = [method.step(x, y) for _ in range(STEPS if name in EXACT | {"dni"} else ESTIMATOR_STEPS)]
     method.flush()
     assert all(math.isfinite(v) for v in losses), losses
     assert _moved_blocks(model, before) == set(model._modules)
