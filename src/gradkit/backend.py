@@ -268,7 +268,8 @@ class LocalBackend(Backend):
                             optimizer=config.optimizer_config().factory(), **config.method_options)
         self.label = config.method
         # --activations: low-bit copies of what autograd saves, inside every step (exact: nothing).
-        self.activations = Activations(self.model, config.activations, group_size=config.activation_group_size)
+        self.activations = Activations(self.model, config.activations, group_size=config.activation_group_size,
+                                       attention_bits=config.attention_bits)
         # --precision bf16: autocast around the step, outside the compressor's hooks.
         self.precision = Precision(config.precision, self.device)
         self._step: Callable[[torch.Tensor, torch.Tensor], float] = self.precision.wrap(

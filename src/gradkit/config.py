@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gradkit.compress import MAX_GROUP_SIZE
+from gradkit.compress import MAX_GROUP_SIZE, parse_attention_bits
 from gradkit.errors import ConfigError
 from gradkit.optim import LR_SCHEDULES, OPTIMIZERS, LRSchedule, OptimizerConfig
 from gradkit.registry import import_path_of
@@ -80,6 +80,10 @@ class TrainConfig:
     """How activations are kept for backward: a mode of ``gradkit.compress.MODES`` (``exact``,
     ``blpa8``, ``blpa4``, ``int8``, ``int4``, ``int2``, ``naive8``)."""
     activation_group_size: int = 256
+    attention_bits: str = "auto"
+    """Width kept for attention's saved tensors under a low-bit mode (``--attention-bits``): ``auto`` (the
+    mode's: 8 bits under int2, else the mode's width), ``off``, ``exact``, or at least ``2``/``4``/``8``
+    (see ``gradkit.compress._rules``). An int is stored as its string."""
     """Elements sharing one quantisation range in the generic path (a multiple of 8, at most
     ``gradkit.compress.MAX_GROUP_SIZE`` = 4096, the kernels' limit; smaller groups: tighter ranges, more range bytes)."""
     precision: str = "fp32"
@@ -152,6 +156,8 @@ class TrainConfig:
                 or self.activation_group_size % 8 or self.activation_group_size > MAX_GROUP_SIZE):
             raise ConfigError(f"--activation-group-size must be a positive multiple of 8 of at most "
                               f"{MAX_GROUP_SIZE}, got {self.activation_group_size}")
+        self.attention_bits = str(self.attention_bits).strip().lower()
+        parse_attention_bits(self.attention_bits, self.activations)
         if self.balance not in BALANCES:
             raise ConfigError(f"unknown balance {self.balance!r}; choose one of: {', '.join(BALANCES)}")
         for name in ("epochs", "batch_size", "eval_batch_size", "stages"):

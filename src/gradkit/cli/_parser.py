@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import NoReturn
 
-from gradkit.compress import MAX_GROUP_SIZE
+from gradkit.compress import ATTENTION_BITS, MAX_GROUP_SIZE
 from gradkit.config import ACTIVATION_MODES, BALANCES, MAX_THREADS, PRECISIONS, TrainConfig
 from gradkit.data import DATASETS
 from gradkit.errors import ConfigError
@@ -161,6 +161,12 @@ def add_training_args(parser: argparse.ArgumentParser, *, single_method: bool = 
                      metavar="N", help="elements per quantisation range for the int modes and the "
                                        "generic part of blpa (multiple of 8, at most "
                                        f"{MAX_GROUP_SIZE}; default: %(default)s)")
+    how.add_argument("--attention-bits", default=_DEFAULTS.attention_bits, choices=ATTENTION_BITS,
+                     help="width of attention's saved tensors (scaled_dot_product_attention, "
+                          "nn.MultiheadAttention, softmax, and the attention output) under a low-bit "
+                          "--activations: auto (8 under int2, where 2-bit attention breaks once "
+                          "trained; else the mode's), off (the mode's width), exact, or at least 2/4/8 "
+                          "(default: %(default)s)")
     how.add_argument("--precision", default=_DEFAULTS.precision, choices=PRECISIONS,
                      help="fp32, or bf16: torch.autocast with bfloat16 around every step (fp32 weights, "
                           "optimizer state and loss; default: %(default)s)")
@@ -218,6 +224,7 @@ def config_from_args(args: argparse.Namespace, **overrides: object) -> TrainConf
         method_options=dict(getattr(args, "method_options", None) or []),
         activations=getattr(args, "activations", "exact"),
         activation_group_size=getattr(args, "activation_group_size", _DEFAULTS.activation_group_size),
+        attention_bits=getattr(args, "attention_bits", _DEFAULTS.attention_bits),
         precision=getattr(args, "precision", _DEFAULTS.precision),
         epochs=args.epochs,
         batch_size=args.batch_size,

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+from typing import Any
 
 import torch
 from torch import nn
 
 from gradkit.cli._parser import add_model_data_args, check_model_data, group_size, thread_count
-from gradkit.compress import MAX_GROUP_SIZE, MODES, Activations, measure_activations
+from gradkit.compress import ATTENTION_BITS, MAX_GROUP_SIZE, MODES, Activations, measure_activations
 from gradkit.data import BatchLoader, load_dataset
 from gradkit.errors import ConfigError
 from gradkit.losses import cross_entropy
@@ -58,6 +59,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help=f"one or more of {', '.join(MODES)} (default: int4)")
     p.add_argument("--group-size", type=group_size, default=256,
                    help=f"elements per quantisation range (multiple of 8, at most {MAX_GROUP_SIZE}; default: 256)")
+    p.add_argument("--attention-bits", default="auto", choices=ATTENTION_BITS,
+                   help="width of attention's saved tensors: auto (8 under int2, else the mode's), off, "
+                        "exact, or at least 2/4/8 (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     p.add_argument("--threads", type=thread_count, metavar="N", help="CPU threads for torch (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
@@ -94,7 +98,9 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model = build_model(args.model, info.input_shape, info.num_classes,
                         **{**dataset.model_args, **dict(args.model_options)}).to(device)
-    options = {"group_size": args.group_size} if args.group_size != 256 else {}
+    options: dict[str, Any] = {"group_size": args.group_size} if args.group_size != 256 else {}
+    if args.attention_bits != "auto":
+        options["attention_bits"] = args.attention_bits
     precision = Precision(args.precision, device)
     if args.max_batch:
         return _max_batch(args, model, info.input_shape, info.num_classes, precision, options, device)
@@ -119,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
     if len(results) == 1:
         r = results[0]
         table = [(rec.module or "-", "x".join(map(str, rec.shape)), str(rec.dtype).replace("torch.", ""),
-                 rec.kind, format_bytes(rec.exact_bytes), format_bytes(rec.stored_bytes))
+                 rec.kind + (f" ({rec.rule})" if rec.rule else ""), format_bytes(rec.exact_bytes),
+                 format_bytes(rec.stored_bytes))
                 for rec in r.records]
         print(format_table(("module", "shape", "dtype", "kept as", "exact", "stored"), table))
     summary = [(r.mode, format_bytes(r.exact_bytes), format_bytes(r.stored_bytes), f"{r.ratio:.2f}x")

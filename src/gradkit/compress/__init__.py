@@ -8,8 +8,13 @@ Chakrabarti & Moseley, "Backprop with Approximate Activations for Memory-efficie
   quantised normalised value, on a grid aligned with the ReLU threshold (:mod:`._blpa`); the other
   saved tensors take the generic path at the same width.
 * ``int8`` / ``int4`` / ``int2``: every saved activation of any model as per-group codes
-  (:mod:`._hooks`, :mod:`._quant`).
+  (:mod:`._hooks`, :mod:`._quant`); int2 keeps attention's inputs and outputs at 8 bits
+  (``attention_bits``, :mod:`._rules`).
 * ``naive8``: the paper's baseline, activations quantised in the forward pass as well.
+
+In every mode the loss's saved tensors stay exact, inside the model's forward too (:mod:`._rules`).
+Whether a mode's gradients stay right once the model is trained: :func:`check_gradients` with
+``weights=`` or ``steps=``, and :func:`track_gradients` over a training run.
 
 Example:
     >>> act = gradkit.compress.Activations(model, "int4")
@@ -19,19 +24,36 @@ Example:
 """
 
 from gradkit.compress._blpa import apply_blpa, bn_relu_conv, remove_blpa
-from gradkit.compress._check import LayerGradient, check_gradients
+from gradkit.compress._check import (
+    GradientCheck,
+    LayerGradient,
+    check_gradients,
+    load_weights,
+    pretrain,
+    track_gradients,
+)
 from gradkit.compress._hooks import ActivationCompressor, SavedRecord
-from gradkit.compress._measure import ActivationMemory, measure_activations
-from gradkit.compress._modes import MODES, Activations, ModeSpec, parse_mode
+from gradkit.compress._measure import ActivationMemory, LiveTensorPeak, measure_activations
+from gradkit.compress._modes import (
+    ATTENTION_BITS,
+    MODES,
+    Activations,
+    ModeSpec,
+    parse_attention_bits,
+    parse_mode,
+)
 from gradkit.compress._native import MAX_GROUP as MAX_GROUP_SIZE
 from gradkit.compress._quant import Packed, pack, pack_reference, unpack, unpack_reference
 
 __all__ = [
+    "ATTENTION_BITS",
     "MAX_GROUP_SIZE",
     "MODES",
     "ActivationCompressor",
     "ActivationMemory",
+    "LiveTensorPeak",
     "Activations",
+    "GradientCheck",
     "LayerGradient",
     "ModeSpec",
     "Packed",
@@ -39,11 +61,15 @@ __all__ = [
     "apply_blpa",
     "bn_relu_conv",
     "check_gradients",
+    "load_weights",
     "measure_activations",
     "pack",
     "pack_reference",
+    "parse_attention_bits",
+    "pretrain",
     "parse_mode",
     "remove_blpa",
+    "track_gradients",
     "unpack",
     "unpack_reference",
 ]

@@ -59,10 +59,10 @@ def _ranges(lo: torch.Tensor, hi: torch.Tensor, bits: int, numel: int) -> tuple[
     step = (hi - lo) / levels
     if numel >= _HALF_RANGES_MIN:
         lo16 = lo.half()
-        lo16 = torch.where(lo16.float() > lo, torch.nextafter(lo16, lo16.new_tensor(-torch.inf)), lo16)
+        lo16 = torch.where(lo16.float() > lo, torch.nextafter(lo16, torch.full_like(lo16, -torch.inf)), lo16)
         step_h = (hi - lo16.float()) / levels
         step16 = step_h.half()
-        step16 = torch.where(step16.float() < step_h, torch.nextafter(step16, step16.new_tensor(torch.inf)),
+        step16 = torch.where(step16.float() < step_h, torch.nextafter(step16, torch.full_like(step16, torch.inf)),
                              step16)
         fits = torch.isfinite(lo16).all() & torch.isfinite(step16).all() & (
             (step16 == 0) | (step16 >= 2.0**-14)).all()

@@ -8,10 +8,12 @@ only the copies kept for backward are approximate (Chakrabarti & Moseley, NeurIP
 What is left alone, because compressing it would free nothing or break something:
 parameters and buffers (and autocast's cast copies of them), leaves such as the user's input batch,
 integer and bool tensors (indices, masks; int64 ones are narrowed losslessly to int16/int32 when
-their values fit, e.g. max-pool indices), tiny tensors (BatchNorm statistics, scalars), and, when
-the compressor knows the model, whatever is saved outside the model's forward: the loss's
-log-softmax output is where every gradient starts, and a 4-bit copy of it put ~30% relative error
-into every layer's gradient of ResNet-20 (4.5% when it is kept; benchmarks/approx-activations).
+their values fit, e.g. max-pool indices), tiny tensors (BatchNorm statistics, scalars), and the
+loss: when the compressor knows the model, whatever is saved outside the model's forward, and, inside
+it too, whatever a loss function saves (:mod:`._rules`). The loss's log-softmax output is where every
+gradient starts, and a 4-bit copy of it put ~30% relative error into every layer's gradient of
+ResNet-20 (4.5% when it is kept; benchmarks/approx-activations).
+Attention's saved tensors get at least ``attention_bits`` (:mod:`._rules` says which and why).
 A tensor saved by several operations (a ReLU output saved by the ReLU and by the next conv) is packed
 once and decoded once: the decoded copy is shared until its last reader has taken it.
 """
@@ -28,6 +30,7 @@ import torch
 from torch import nn
 
 from gradkit.compress import _quant
+from gradkit.compress._rules import Regions
 
 __all__ = ["ActivationCompressor", "SavedRecord"]
 
@@ -49,7 +52,10 @@ class SavedRecord:
     stored_bytes: int
     kind: str
     """``int4`` etc. when packed, ``int64->int16`` when narrowed losslessly, else why it was kept:
-    ``leaf``, ``int``, ``tiny``, ``outside`` (saved outside the model's forward), ``exact``."""
+    ``leaf``, ``int``, ``tiny``, ``outside`` (saved outside the model's forward), ``loss`` (saved by a
+    loss function inside it), ``exact``."""
+    rule: str = ""
+    """``attention`` when the attention rule widened it beyond the mode's bits, else empty."""
 
 
 class _Shared:
@@ -127,6 +133,9 @@ class ActivationCompressor:
         overrides: module name (as in ``model.named_modules()``) -> bits (2, 4, 8) or None (exact)
             for tensors saved while that module runs, e.g. ``{"stem": 8, "head": None}``.
         reference: decode/encode with the pure-PyTorch reference implementation.
+        attention_bits: at least this width for attention's saved tensors (:mod:`._rules`): 2, 4, 8,
+            or ``"exact"``; None (default) gives attention the same width as everything else. A
+            floor: an override to exact stays exact.
     """
 
     def __init__(
@@ -139,9 +148,12 @@ class ActivationCompressor:
         min_numel: int = 1024,
         overrides: Mapping[str, int | None] | None = None,
         reference: bool = False,
+        attention_bits: int | str | None = None,
     ) -> None:
         if bits is not None and bits not in _quant.BITS:
             raise ValueError(f"bits must be one of {_quant.BITS} or None, got {bits}")
+        if attention_bits is not None and attention_bits != "exact" and attention_bits not in _quant.BITS:
+            raise ValueError(f"attention bits must be 2, 4, 8 or 'exact', got {attention_bits!r}")
         _quant._check(bits or 8, group_size, rounding)
         self.model = model
         self.bits = bits
@@ -149,6 +161,7 @@ class ActivationCompressor:
         self.rounding = rounding
         self.min_numel = min_numel
         self.reference = reference
+        self.attention_bits = attention_bits
         self._bits_stack: list[int | None] = []
         self._names: list[str] = []
         self._handles: list[Any] = []
@@ -159,6 +172,8 @@ class ActivationCompressor:
         self._seen: dict[tuple[Any, ...], tuple[weakref.ref[torch.Tensor], weakref.ref[_Shared]]] = {}
         self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
         self._outer: Any = None
+        # Attention and loss calls in progress, seen while compressing (exact recorders need neither).
+        self._regions: Regions | None = None
         self.records: list[SavedRecord] | None = None
         # How many of the model's own forward calls are running: tensors saved at depth 0 (the loss,
         # user code around the model) are kept exact. Not counted when no model is given.
@@ -167,6 +182,8 @@ class ActivationCompressor:
             self._install_depth_hooks(model)
         if overrides:
             self._install_overrides(overrides)
+        if bits is not None or overrides:
+            self._regions = Regions()
 
     # -- set-up -----------------------------------------------------------------------------------
     def _install_depth_hooks(self, model: nn.Module) -> None:
@@ -231,10 +248,10 @@ class ActivationCompressor:
     def stored_bytes(self) -> int:
         return sum(r.stored_bytes for r in self.records or [])
 
-    def _record(self, t: torch.Tensor, stored: int, kind: str) -> None:
+    def _record(self, t: torch.Tensor, stored: int, kind: str, rule: str = "") -> None:
         assert self.records is not None
         storage = t.untyped_storage()
-        if kind in ("int", "tiny", "leaf", "outside", "exact"):
+        if kind in ("int", "tiny", "leaf", "outside", "loss", "exact"):
             # Kept tensors stay alive until backward, so their address identifies them; packed ones
             # are recorded once, when first packed (their freed address may be reused later).
             ptr = storage.data_ptr()
@@ -242,7 +259,7 @@ class ActivationCompressor:
                 return
             self._record_storages[ptr] = storage.nbytes()
         module = self._names[-1] if self._names else ""
-        self.records.append(SavedRecord(module, tuple(t.shape), t.dtype, storage.nbytes(), stored, kind))
+        self.records.append(SavedRecord(module, tuple(t.shape), t.dtype, storage.nbytes(), stored, kind, rule))
 
     # -- the hooks --------------------------------------------------------------------------------
     def __enter__(self) -> ActivationCompressor:
@@ -259,6 +276,9 @@ class ActivationCompressor:
         self._outer = top[0] if top is not None else None
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
         self._hooks.__enter__()
+        if self._regions is not None:
+            self._regions.clear()
+            self._regions.__enter__()
         return self
 
     def __exit__(
@@ -268,6 +288,9 @@ class ActivationCompressor:
         tb: TracebackType | None,
     ) -> None:
         assert self._hooks is not None
+        if self._regions is not None:
+            self._regions.__exit__(exc_type, exc, tb)
+            self._regions.clear()
         self._hooks.__exit__(exc_type, exc, tb)
         self._hooks = None
         self._seen.clear()
@@ -281,6 +304,8 @@ class ActivationCompressor:
             return "tiny"
         if self._depth == 0 and self.model is not None:
             return "outside"
+        if self._regions is not None and self._regions.loss:
+            return "loss"
         fn = t.grad_fn
         if fn is None:
             # A leaf (the input batch, a detached stage boundary): whoever made it still holds it.
@@ -301,9 +326,23 @@ class ActivationCompressor:
                 return variable.untyped_storage().data_ptr() in self._step_excluded
         return False
 
+    def _attention_floor(self, t: torch.Tensor, bits: int) -> int | None:
+        """``bits``, widened to ``attention_bits`` (None: exact) when ``t`` is attention's."""
+        regions, floor = self._regions, self.attention_bits
+        if floor is None or regions is None or (floor != "exact" and int(floor) <= bits):
+            return bits
+        if not (regions.attention or regions.from_attention(t)):
+            return bits
+        return None if floor == "exact" else int(floor)
+
     def _pack(self, t: torch.Tensor) -> Any:
         reason = self._keep_reason(t)
         bits = self._bits_stack[-1] if self._bits_stack else self.bits
+        rule = ""
+        if reason is None and bits is not None:
+            widened = self._attention_floor(t, bits)
+            if widened != bits:
+                bits, rule = widened, "attention"
         if reason is None and bits is None:
             reason = "exact"
         if reason == "int" and t.dtype == torch.int64 and t.numel() >= self.min_numel and bits is not None:
@@ -316,7 +355,7 @@ class ActivationCompressor:
                 return _Narrowed(narrow)
         if reason is not None:
             if self.records is not None and reason != "param":
-                self._record(t, t.untyped_storage().nbytes(), reason)
+                self._record(t, t.untyped_storage().nbytes(), reason, rule)
             if self._outer is not None:
                 self._outer(t)
             return t
@@ -338,5 +377,5 @@ class ActivationCompressor:
             for part in (packed.data, packed.lo, packed.step):
                 self._outer(part)
         if self.records is not None:
-            self._record(t, packed.nbytes, f"int{bits}")
+            self._record(t, packed.nbytes, f"int{bits}", rule)
         return shared

@@ -47,10 +47,11 @@ from gradkit.compress import Activations
 from gradkit.config import TrainConfig
 from gradkit.data import BatchLoader, load_dataset
 from gradkit.distributed.context import AGENT_STORE_ENV, DistContext, join
-from gradkit.distributed.executor import DistributedExecutor
-from gradkit.errors import ConfigError, GradkitError, PeerFailed, RunInterrupted
+from gradkit.distributed.executor import DistributedExecutor, shared_parameter_groups
+from gradkit.errors import ConfigError, GradkitError, PeerFailed, PipelineError, RunInterrupted
 from gradkit.loop import RunResult, StepCallback, Trainer
 from gradkit.methods import PipelineMethod, build, stage_parallel_class, stage_parallel_names
+from gradkit.pipeline.shared import shared_buffers
 from gradkit.precision import Precision
 from gradkit.run_folder import RunFolder
 from gradkit.stages import default_threads, split
@@ -80,6 +81,27 @@ def check_stage_parallel_config(config: TrainConfig, world_size: int) -> None:
         raise ConfigError("--measure-direction needs the whole model in one process; drop it or --workers")
     if config.out is None:
         raise ConfigError("a multi-process run needs --out, where every rank writes its checkpoint shard")
+
+
+def _check_no_shared_buffers(stages: list[torch.nn.Sequential]) -> None:
+    """A buffer held by two stages (a shared block's BatchNorm statistics) would drift apart between
+    their processes: only parameters are kept in step (:mod:`gradkit.pipeline.shared`)."""
+    for name, ranks in shared_buffers(stages):
+        raise ConfigError(
+            f"buffer {name} is used by stages {', '.join(map(str, ranks))}, whose processes would update "
+            "their own copies; with --workers keep a block with buffers (e.g. BatchNorm) within one stage, "
+            "or train in one process"
+        )
+
+
+def _check_shared_copies(method: PipelineMethod, gathered: list[dict[str, torch.Tensor]]) -> None:
+    """Every rank's copy of a shared parameter must be bit for bit the same (they apply the same summed
+    gradient with the same optimizer state); a difference is a bug, caught here at each evaluation."""
+    for s in method.shared.shared:
+        copies = [gathered[k][name] for k, name in zip(s.stages, s.names, strict=True)]
+        if any(not torch.equal(copies[0], c) for c in copies[1:]):
+            raise PipelineError(f"the copies of the parameter {s.names[0]} shared by stages {s.stages} "
+                                "differ between ranks")
 
 
 class StageProcessBackend(Backend):
@@ -116,17 +138,20 @@ class StageProcessBackend(Backend):
         self.model = build_run_model(config, setup["info"], setup["model_args"], ctx.device)
         self.task = setup["info"].task
         self.stage_sizes = setup["stage_sizes"] or self._choose_split(setup["sample"])
-        method = build(config.method, split(self.model, sizes=self.stage_sizes),
-                       optimizer=config.optimizer_config().factory(), stage_parallel=True,
-                       **config.method_options)
+        stages = split(self.model, sizes=self.stage_sizes)
+        _check_no_shared_buffers(stages)
+        method = build(config.method, stages, optimizer=config.optimizer_config().factory(),
+                       stage_parallel=True, **config.method_options)
         assert isinstance(method, PipelineMethod)
         self.method: PipelineMethod = method
-        self.activations = Activations(self.model, config.activations, group_size=config.activation_group_size)
+        self.activations = Activations(self.model, config.activations, group_size=config.activation_group_size,
+                                       attention_bits=config.attention_bits)
         self.method.prepare(setup["sample"].to(ctx.device))
         self.shared_memory = ctx.shared_memory()
         self.executor = DistributedExecutor(self.method.schedule, self.method.pipeline_stages[self.rank],
                                             ctx.groups, ctx.device, shared_memory=self.shared_memory,
-                                            local_peers=ctx.local_peers)
+                                            local_peers=ctx.local_peers,
+                                            shared_groups=shared_parameter_groups(self.method.shared.shared))
         self.method.use_executor(self.executor)
         self.precision = Precision(config.precision, ctx.device)
         self._step = self.precision.wrap(self.activations.wrap(self.method.run_step))
@@ -235,6 +260,7 @@ class StageProcessBackend(Backend):
         gathered: list[Any] = [None] * self.ctx.world_size if self.ctx.is_first else []
         dist.gather_object(mine, gathered if self.ctx.is_first else None, dst=0, group=self.ctx.control)
         if self.ctx.is_first:
+            _check_shared_copies(self.method, gathered)
             for k, state in enumerate(gathered):
                 if k != 0:
                     self.method.stages[k].load_state_dict(state)

@@ -12,6 +12,10 @@ asynchronous (``isend``): a stage keeps computing while its output travels. Rece
 message is received when an action needs it, so a stage that runs ahead (FR's stage 0 plays the next
 batch before the δ of the previous one arrives) is not held back.
 
+A parameter that several stages use (a tied embedding) has a copy on each rank that holds it; after
+every step those ranks all-reduce its gradient in a process group of their own (:meth:`sum_shared`),
+so each copy takes the same update (:mod:`gradkit.pipeline.shared`).
+
 Consistent checkpoints need every message that was sent before the checkpoint to be in a receiver's
 local channel, not on the wire. The executor counts, from the schedule, how many messages each peer
 has sent to it so far (``expected``); :meth:`drain` receives until the counts match, after which
@@ -21,6 +25,7 @@ has sent to it so far (``expected``); :meth:`drain` receives until the counts ma
 from __future__ import annotations
 
 from collections import Counter, deque
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -29,9 +34,10 @@ import torch.distributed as dist
 from gradkit.distributed.shm import SharedMemoryLinks
 from gradkit.pipeline.local import Message, execute_action
 from gradkit.pipeline.schedule import ACTIVATION, DATA, LABEL, Action, Schedule
+from gradkit.pipeline.shared import SharedParameter
 from gradkit.pipeline.stage import PipelineError, PipelineStage
 
-__all__ = ["DistributedExecutor", "MESSAGE_KINDS"]
+__all__ = ["DistributedExecutor", "MESSAGE_KINDS", "shared_parameter_groups"]
 
 MESSAGE_KINDS = (ACTIVATION, "delta", LABEL)
 """Every kind of message a schedule sends; each gets its own process group."""
@@ -43,6 +49,16 @@ _HEADER = 3 + _MAX_DIMS + 3  # batch, dtype code, ndim, dimensions, then shared-
 _INLINE = -1  # slot value of a payload that follows through the process group
 
 IncomingChannel = tuple[str, int]  # (kind, source stage or DATA)
+
+
+def shared_parameter_groups(shared: Sequence[SharedParameter]) -> dict[tuple[int, ...], Any]:
+    """One process group per set of ranks that hold a shared parameter (every rank must call this,
+    with the same ``shared``, in the same order: creating a group is a collective)."""
+    groups: dict[tuple[int, ...], Any] = {}
+    for s in shared:
+        if s.stages not in groups:
+            groups[s.stages] = dist.new_group(list(s.stages))
+    return groups
 
 
 def _header(batch: int, tensor: torch.Tensor, shared: tuple[int, int, int] | None) -> torch.Tensor:
@@ -66,11 +82,13 @@ class DistributedExecutor:
         device: where received tensors are placed (the stage's device).
         shared_memory: mailboxes for peers on this machine (:mod:`gradkit.distributed.shm`), and
             the ranks they reach; payloads to other ranks go through the process group.
+        shared_groups: from :func:`shared_parameter_groups`, when stages share parameters.
     """
 
     def __init__(self, schedule: Schedule, stage: PipelineStage, groups: dict[str, Any],
                  device: torch.device, *, shared_memory: SharedMemoryLinks | None = None,
-                 local_peers: frozenset[int] = frozenset()) -> None:
+                 local_peers: frozenset[int] = frozenset(),
+                 shared_groups: dict[tuple[int, ...], Any] | None = None) -> None:
         self.shared_memory = shared_memory if device.type == "cpu" else None
         self.local_peers = local_peers
         self.schedule = schedule
@@ -85,6 +103,7 @@ class DistributedExecutor:
         """Messages peers have sent (or will send) to this stage since the counters were reset."""
         self.received: Counter[IncomingChannel] = Counter()
         self._pending: list[tuple[Any, torch.Tensor]] = []
+        self.shared_groups = shared_groups or {}
 
     # -- running --------------------------------------------------------------------------------------
     def run_step(self, step: int, x: torch.Tensor | None = None, y: torch.Tensor | None = None,
@@ -130,6 +149,26 @@ class DistributedExecutor:
         received = {kind: self._take(kind, source) for kind, source in action.recv}
         for kind, destination, tensor in execute_action(self.stage, action, received):
             self._send(kind, destination, action.batch, tensor)
+
+    def sum_shared(self, shared: Sequence[SharedParameter]) -> None:
+        """Sum each shared parameter's gradient over the ranks that hold it (all-reduce in their group).
+
+        A rank whose use produced no gradient this step adds zeros; a count of the ranks that did
+        travels with it, so a parameter no use touched keeps ``.grad = None`` everywhere (the
+        optimizer then skips it on every rank alike).
+        """
+        for s in shared:
+            if self.rank not in s.stages:
+                continue
+            if s.stages not in self.shared_groups:
+                raise PipelineError(f"stage {self.rank} has no process group for the parameter shared by "
+                                    f"stages {s.stages}")
+            p = s.param
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            count = torch.ones(1, dtype=grad.dtype, device=grad.device) * (p.grad is not None)
+            flat = torch.cat([grad.reshape(-1), count])
+            dist.all_reduce(flat, group=self.shared_groups[s.stages])
+            p.grad = flat[:-1].view_as(p) if flat[-1].item() > 0 else None
 
     # -- messages -------------------------------------------------------------------------------------
     @staticmethod

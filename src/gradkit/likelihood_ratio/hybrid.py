@@ -23,6 +23,7 @@ from gradkit.errors import ConfigError
 from gradkit.likelihood_ratio.engine import LossFn, per_layer, per_sample_loss, repeat_copies
 from gradkit.likelihood_ratio.noise import draw_noise
 from gradkit.models._layers import has_eval_modules
+from gradkit.pipeline.shared import accumulate_grad
 
 __all__ = ["HybridEstimator"]
 
@@ -83,9 +84,15 @@ class HybridEstimator:
                 ref = per_sample_loss(self.loss_fn, hs[-1], y)
             # Clean pass(es), plus the stages' own forwards for their local backprop.
             self.forward_passes = (2.0 if self.has_eval_modules else 1.0) + 1.0
+            # Every stage adds its part: a parameter two stages use (a tied embedding) gets the sum.
+            for p in self._params():
+                p.grad = None
             for s in range(len(self.stages)):
                 g = self.boundary_grad(s, hs, y, ref) if s < len(self.copies) else None
                 self.stage_backward(s, hs[s], y, g)
+            for p in self._params():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
         finally:
             for m, training in modes:
                 m.training = training
@@ -120,7 +127,8 @@ class HybridEstimator:
         return g / (copies * batch * sigma)
 
     def stage_backward(self, s: int, x: torch.Tensor, y: torch.Tensor, g: torch.Tensor | None) -> None:
-        """Backprop inside stage ``s`` only: ``g`` into its output, or the exact loss for the last stage."""
+        """Backprop inside stage ``s`` only: ``g`` into its output, or the exact loss for the last stage;
+        the gradients are added to ``.grad`` (a shared parameter collects every stage's part)."""
         stage = self.stages[s]
         params = [p for p in stage.parameters() if p.requires_grad]
         if not params:
@@ -132,7 +140,10 @@ class HybridEstimator:
             else:
                 grads = torch.autograd.grad(out, params, g, allow_unused=True)
         for p, gr in zip(params, grads, strict=True):
-            p.grad = gr if gr is not None else torch.zeros_like(p)
+            accumulate_grad(p, gr)
+
+    def _params(self) -> list[nn.Parameter]:
+        return [p for p in nn.ModuleList(self.stages).parameters() if p.requires_grad]  # each once
 
     def _forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         hs = [x]

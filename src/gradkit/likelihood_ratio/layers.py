@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from torch.nn.grad import conv2d_weight
 
+from gradkit.errors import ConfigError
+
 __all__ = ["NoisyLayer", "StepNoiseLayer", "find_layers", "local_grads", "flat_blocks"]
 
 Grads = dict[str, torch.Tensor]
@@ -80,7 +82,10 @@ def flat_blocks(stages: Sequence[nn.Module]) -> tuple[list[nn.Module], list[str]
     """Top-level blocks of all stages in order, their names, and the stage each belongs to."""
     blocks, names, owner = [], [], []
     for s, stage in enumerate(stages):
-        children = list(stage.named_children()) if isinstance(stage, nn.Sequential) else [(f"stage{s}", stage)]
+        # Not named_children(): it lists a block used twice (at two positions) once, and these blocks
+        # are run in order, as nn.Sequential runs them.
+        children = ([(n, m) for n, m in stage._modules.items() if m is not None]
+                    if isinstance(stage, nn.Sequential) else [(f"stage{s}", stage)])
         for name, block in children:
             blocks.append(block)
             names.append(name)
@@ -91,14 +96,19 @@ def flat_blocks(stages: Sequence[nn.Module]) -> tuple[list[nn.Module], list[str]
 def find_layers(stages: Sequence[nn.Module]) -> list[NoisyLayer]:
     """Every module that owns trainable parameters, in forward order, as a :class:`NoisyLayer`.
 
-    σ and copies are placeholders here; the engine assigns them.
+    σ and copies are placeholders here; the engine assigns them. A parameter that two modules own (a
+    tied weight) appears in both layers, one per use.
+
+    Raises:
+        ConfigError: one module is registered at two places (a shared block): its uses cannot get
+            separate noise.
     """
     blocks, names, _ = flat_blocks(stages)
     layers: list[NoisyLayer] = []
-    seen: set[int] = set()
+    seen: dict[int, str] = {}
     for k, (block, bname) in enumerate(zip(blocks, names, strict=True)):
         skip_under: list[str] = []
-        for mname, module in block.named_modules():
+        for mname, module in block.named_modules(remove_duplicate=False):
             if any(mname.startswith(prefix + ".") for prefix in skip_under):
                 continue
             full = f"{bname}.{mname}" if mname else bname
@@ -107,10 +117,19 @@ def find_layers(stages: Sequence[nn.Module]) -> list[NoisyLayer]:
                 owned = [p for p in block.get_submodule(mname).parameters() if p.requires_grad]
             else:
                 owned = [p for p in module.parameters(recurse=False) if p.requires_grad]
-            owned = [p for p in owned if id(p) not in seen]
             if not owned:
                 continue
-            seen.update(id(p) for p in owned)
+            if id(module) in seen:
+                # Its noise hook would fire at every use at once, and its clean output is captured
+                # once: the uses cannot be told apart.
+                raise ConfigError(
+                    f"ulr puts noise on each layer's output, but {full} is the same module as "
+                    f"{seen[id(module)]} (used twice); use the hybrid mode (--stages K >= 2), whose "
+                    "stages backpropagate inside themselves, or give each use its own module"
+                )
+            seen[id(module)] = full
+            # A parameter of two modules (a tied embedding and output head) is a layer at each use:
+            # the engine adds the estimates of both uses.
             shared = bool(getattr(module, "output_shared_by_batch", False))
             layers.append(NoisyLayer(full, module, k, sigma=0.0, copies=0, shared=shared))
     return layers

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradkit.errors import ConfigError
 from gradkit.losses import cross_entropy
 from gradkit.optim import OptimizerConfig, OptimizerFactory
 
@@ -150,12 +151,20 @@ class Method(ABC):
 
         Raises:
             ValueError: the state belongs to another method or another number of stages.
+            ConfigError: it holds another number of optimizer states (another gradkit version).
         """
         if state.get("method") != self.name:
             raise ValueError(f"state is for method {state.get('method')!r}, not {self.name!r}")
         if len(state["stages"]) != len(self.stages):
             raise ValueError(
                 f"state has {len(state['stages'])} stages but this method has {len(self.stages)}"
+            )
+        if len(state["optimizers"]) != len(self.optimizers):
+            # E.g. a checkpoint written before parameters shared by stages got one optimizer of their own.
+            raise ConfigError(
+                f"the checkpoint holds {len(state['optimizers'])} optimizer states but {self.name} on this "
+                f"model has {len(self.optimizers)}; it was written by another version of gradkit: start a "
+                "new run (without --resume)"
             )
         for stage, sd in zip(self.stages, state["stages"], strict=True):
             stage.load_state_dict(sd)

@@ -15,6 +15,7 @@ from gradkit.methods._base import LossFn, Method
 from gradkit.optim import OptimizerFactory
 from gradkit.pipeline.local import Executor, LocalExecutor
 from gradkit.pipeline.schedule import Schedule
+from gradkit.pipeline.shared import SharedUpdate, shared_parameters
 from gradkit.pipeline.stage import PipelineError, PipelineStage
 
 __all__ = ["PipelineMethod"]
@@ -24,7 +25,9 @@ class PipelineMethod(Method):
     """A method whose stages update independently, in the order a :class:`Schedule` gives.
 
     Each stage gets its own optimizer and a :class:`PipelineStage`; a :class:`LocalExecutor` runs the
-    schedule in this process. A subclass is one file holding its schedule, its stage and its cost
+    schedule in this process. A parameter that several stages use (a tied embedding) is in no stage's
+    optimizer: one :class:`~gradkit.pipeline.shared.SharedUpdate` applies the sum of its uses' gradients
+    once after every step (``self.shared``). A subclass is one file holding its schedule, its stage and its cost
     for the balancer (:meth:`block_seconds`); registering it makes it available everywhere, with one
     process per stage too (``--workers``). The epoch boundary does not drain the pipeline (batches
     in flight carry over, as in the reference code); :meth:`flush` does.
@@ -59,16 +62,24 @@ class PipelineMethod(Method):
     ) -> None:
         super().__init__(stages, loss_fn=loss_fn, optimizer=optimizer)
         self.schedule = self.schedule_for(len(self.stages), **self.schedule_options())
+        self.shared = SharedUpdate(shared_parameters(self.stages), self.optimizer_factory)
+        self.shared.observers = self.update_observers
+        shared = self.shared.ids()
         self.pipeline_stages: list[PipelineStage] = []
         for k, stage in enumerate(self.stages):
-            params = [p for p in stage.parameters() if p.requires_grad]
-            pipeline_stage = self.make_stage(k, stage, self.optimizer_factory(params))
+            params = [p for p in stage.parameters() if p.requires_grad and id(p) not in shared]
+            pipeline_stage = self.make_stage(k, stage, self._stage_optimizer(params))
             pipeline_stage.observers = self.update_observers
             self.pipeline_stages.append(pipeline_stage)
         self.executor: Executor = LocalExecutor(self.schedule, self.pipeline_stages,
                                                 record_timeline=record_timeline)
         self._step = 0
         """Steps since the pipeline was last empty; batch ids count from there."""
+
+    def _stage_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        # A stage whose parameters are all shared (or that has none) still gets an optimizer, with an
+        # empty group: torch refuses an empty parameter list.
+        return self.optimizer_factory(params if params else [{"params": []}])  # type: ignore[list-item]
 
     @classmethod
     @abstractmethod
@@ -89,6 +100,8 @@ class PipelineMethod(Method):
         opts = [s.optimizer for s in self.pipeline_stages]
         for s in self.pipeline_stages:
             opts.extend(s.extra_optimizers())
+        if self.shared.optimizer is not None:
+            opts.append(self.shared.optimizer)
         return opts
 
     @property
@@ -109,9 +122,15 @@ class PipelineMethod(Method):
         pass None) and only the last rank gets a loss back.
         """
         self.pipeline_stages[-1].last_loss = None
-        self.executor.run_step(self._step, x, y)
+        self._run_executor_step(self._step, x, y)
         self._step += 1
         return self.pipeline_stages[-1].last_loss
+
+    def _run_executor_step(self, step: int, x: torch.Tensor | None = None, y: torch.Tensor | None = None,
+                           *, last_batch: int | None = None) -> None:
+        """One step of every stage, then the shared parameters' one update (summed over their uses)."""
+        self.executor.run_step(step, x, y, last_batch=last_batch)
+        self.shared.step(self.executor)
 
     def prepare(self, sample: torch.Tensor) -> None:
         """Build whatever depends on the input's shape (DNI's synthesizers) from a sample batch.
@@ -131,7 +150,7 @@ class PipelineMethod(Method):
             return
         last_batch = self._step - 1
         for i in range(self.schedule.drain_steps()):
-            self.executor.run_step(self._step + i, last_batch=last_batch)
+            self._run_executor_step(self._step + i, last_batch=last_batch)
         if not self.executor.empty():
             raise PipelineError(f"{self.name}: messages left after draining the pipeline")
         for s in self.pipeline_stages:
@@ -201,6 +220,8 @@ class PipelineMethod(Method):
             "num_stages": len(self.stages),
             "weights": self.stages[rank].state_dict(),
             "optimizers": [opt.state_dict() for opt in [pipeline_stage.optimizer, *pipeline_stage.extra_optimizers()]],
+            # Every rank keeps its copy of the shared parameters' optimizer (the same state on each).
+            "shared_optimizer": None if self.shared.optimizer is None else self.shared.optimizer.state_dict(),
             "buffers": pipeline_stage.buffer_state(),
             "channels": self.executor.state(),
             "step": self._step,
@@ -220,5 +241,9 @@ class PipelineMethod(Method):
         optimizers = [pipeline_stage.optimizer, *pipeline_stage.extra_optimizers()]
         for opt, sd in zip(optimizers, state["optimizers"], strict=True):
             opt.load_state_dict(sd)
+        if (self.shared.optimizer is None) != (state.get("shared_optimizer") is None):
+            raise ValueError("shard and model disagree on parameters shared by several stages")
+        if self.shared.optimizer is not None:
+            self.shared.optimizer.load_state_dict(state["shared_optimizer"])
         self.executor.load_state(self._channels_on_devices(state["channels"]))
         self._step = state["step"]

@@ -24,6 +24,7 @@ from gradkit.methods._registry import METHODS
 from gradkit.methods.features_replay import ReplaySchedule
 from gradkit.pipeline.batchnorm import frozen_running_stats
 from gradkit.pipeline.schedule import DELTA, Action, Op, Schedule
+from gradkit.pipeline.shared import accumulate_grad
 from gradkit.pipeline.stage import PipelineError, PipelineStage
 
 __all__ = ["DelayedGradients", "DelayedGradientSchedule", "DelayedGradientStage"]
@@ -108,7 +109,8 @@ class DelayedGradientStage(PipelineStage):
         grads = torch.autograd.grad(entry.output, inputs, delta, allow_unused=True)
         params = dict(self.module.named_parameters())
         for name, g in zip(self.names, grads, strict=False):
-            params[name].grad = g
+            # Added, not assigned: another stage's use of a shared parameter may have added to it already.
+            accumulate_grad(params[name], g)
         if entry.x.requires_grad:
             x_grad = grads[-1]
             return {DELTA: x_grad if x_grad is not None else torch.zeros_like(entry.x)}

@@ -12,8 +12,8 @@ Token ids ``(N, T)`` int64 -> next-token logits ``(N, T, vocab)``, as the ``text
 The output projection's weight is **tied** to the token embedding (Press & Wolf, 2017): the very same
 ``nn.Parameter`` object is ``embed.token.weight`` and ``head.proj.weight``, so the first and the last
 block share it and, split into stages, the first and the last stage hold it. Its gradient is the sum of
-both uses; how pipelined methods (which update stages separately) treat a parameter held by two
-stages is described in the notes on shared parameters and is not special-cased here.
+both uses; pipelined methods update it once per step with that sum and one optimizer state
+(:mod:`gradkit.pipeline.shared`), and nothing is special-cased here.
 
 Reference: Radford et al., "Language Models are Unsupervised Multitask Learners" (GPT-2), 2019.
 """

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import torch
 
 from gradkit.pipeline.schedule import ACTIVATION, DATA, LABEL, Action, Op, Schedule
+from gradkit.pipeline.shared import SharedParameter
 from gradkit.pipeline.stage import PipelineError, PipelineStage
 
 __all__ = ["Executor", "LocalExecutor", "Message", "TimelineEntry", "execute_action"]
@@ -57,6 +58,8 @@ class Executor(Protocol):
     def load_state(self, state: list[Any]) -> None: ...
 
     def empty(self) -> bool: ...
+
+    def sum_shared(self, shared: Sequence[SharedParameter]) -> None: ...
 
 
 def execute_action(stage: PipelineStage, action: Action,
@@ -165,3 +168,7 @@ class LocalExecutor:
     def empty(self) -> bool:
         """No message is waiting anywhere."""
         return not any(self.channels.values())
+
+    def sum_shared(self, shared: Sequence[SharedParameter]) -> None:
+        """Nothing to do: in one process every use of a shared parameter added to the same ``.grad``."""
+        return None

@@ -69,7 +69,9 @@ class PipelineStage(ABC):
 
     # -- shared pieces ------------------------------------------------------------------------------
     def params(self) -> list[nn.Parameter]:
-        return [p for p in self.module.parameters() if p.requires_grad]
+        """The parameters this stage's optimizer updates: its trainable ones, less any that other
+        stages use too (those are updated once, after the step: :mod:`gradkit.pipeline.shared`)."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def update(self, batch: int) -> None:
         """Optimizer step with the gradients in ``p.grad`` (observers see them first)."""

@@ -1,7 +1,8 @@
 """Splitting a model into pipeline stages and balancing them, in one package.
 
 - :mod:`~gradkit.stages.split`: :func:`split` (stages that share the model's blocks), :data:`BALANCES`,
-  :func:`choose_sizes` (the split a training run uses) and :func:`check_stage_sizes`;
+  :func:`choose_sizes` (the split a training run uses) and :func:`check_stage_sizes`,
+  :func:`shared_parameters` (from :mod:`gradkit.pipeline.shared`), the parameters several stages hold;
 - :mod:`~gradkit.stages.partition`: the exact partition of block costs into contiguous groups;
 - :mod:`~gradkit.stages.profile`: :func:`profile_blocks`, each block's forward and backward seconds
   and output bytes (:class:`BlockCost`);
@@ -28,12 +29,20 @@ from gradkit.stages.cost_model import (
 )
 from gradkit.stages.partition import fewest_bytes_partition, partition
 from gradkit.stages.profile import BlockCost, profile_blocks
-from gradkit.stages.split import BALANCES, check_stage_sizes, choose_sizes, split
+from gradkit.stages.split import (
+    BALANCES,
+    SharedParameter,
+    check_stage_sizes,
+    choose_sizes,
+    shared_parameters,
+    split,
+)
 
 __all__ = [
     "BALANCES",
     "AutoChoice",
     "BlockCost",
+    "SharedParameter",
     "SplitPrediction",
     "StagePrediction",
     "available_workers",
@@ -49,5 +58,6 @@ __all__ = [
     "predict_step_seconds",
     "profile_blocks",
     "resolve_auto_stages",
+    "shared_parameters",
     "split",
 ]

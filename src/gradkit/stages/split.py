@@ -13,6 +13,10 @@ Example:
     [3, 2]
     >>> split(model, sizes=[1, 4])[0][0] is model[0]
     True
+
+A parameter that blocks in two stages share (a tied embedding, a block used twice) is then held by both
+stages; :func:`shared_parameters` lists such parameters and the stages that use them, and the
+pipelined methods update each once with the sum of its uses' gradients (:mod:`gradkit.pipeline.shared`).
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ from torch import nn
 
 from gradkit.config import BALANCES
 from gradkit.errors import ConfigError
+from gradkit.pipeline.shared import SharedParameter, shared_parameters
 from gradkit.stages import cost_model
 from gradkit.stages.partition import _as_int, check_k, partition
 from gradkit.stages.profile import profile_blocks
 
-__all__ = ["BALANCES", "check_stage_sizes", "choose_sizes", "split"]
+__all__ = ["BALANCES", "SharedParameter", "check_stage_sizes", "choose_sizes", "shared_parameters", "split"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +70,7 @@ def split(
 
     Returns:
         ``k`` (or ``len(sizes)``) ``nn.Sequential`` stages; chaining them computes ``model``.
+        ``shared_parameters(stages)`` names the parameters that several of them hold.
 
     Raises:
         ConfigError: bad ``k``/``sizes``/``balance``/``method``, ``balance="time"`` without
@@ -110,6 +116,8 @@ def split(
             stage.add_module(name, model._modules[name])
         stages.append(stage)
         start += size
+    for s in shared_parameters(stages):
+        logger.debug("parameter %s is shared by stages %s", s.names[0], s.stages)
     return stages
 
 
