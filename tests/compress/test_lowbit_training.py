@@ -201,6 +201,64 @@ def test_loss_inside_forward_is_kept_exact() -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+class _HeadWithLoss(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.fc(h), y)
+
+
+class _LossInside(nn.Module):
+    """Two children (as a pipeline runs them, one at a time); the second computes the loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(32, 64), nn.ReLU())
+        self.head = _HeadWithLoss()
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x), y)
+
+
+def _rules_on(act: Activations) -> bool:
+    assert act.compressor is not None
+    return act.compressor._regions is not None
+
+
+def test_rules_are_dropped_for_models_without_attention_or_inner_loss() -> None:
+    """The rules' function mode costs a Python call per torch call: a ResNet sheds it after one step,
+    while a model that calls attention, or computes its loss inside, keeps it."""
+    resnet = build_model("resnet20", (3, 32, 32), 10)
+    act = Activations(resnet, "int4")
+    with act:
+        loss = F.cross_entropy(resnet(torch.randn(2, 3, 32, 32)), torch.tensor([1, 2]))
+    loss.backward()
+    assert not _rules_on(act)
+    lm = build_model("gpt", (T,), VOCAB)
+    act = Activations(lm, "int4")
+    for _ in range(2):
+        with act:
+            loss = cross_entropy(lm(torch.randint(0, VOCAB, (2, T))), torch.randint(0, VOCAB, (2, T)))
+        loss.backward()
+    assert _rules_on(act)
+    # Run child by child, as a pipeline does: the rules stay until the child with the loss has run,
+    # and then for good, so the loss's saved tensors stay exact in later steps.
+    model = _LossInside()
+    act = Activations(model, "int2")
+    x, y = torch.randn(128, 32), torch.randint(0, 10, (128,))  # a log-softmax above min_numel
+    with act:
+        h = model.body(x)
+    assert _rules_on(act)
+    for _ in range(2):
+        with act, act.recording() as records:
+            loss = model.head(model.body(x), y)
+        loss.backward()
+        assert _rules_on(act)
+    assert h is not None and any(r.kind == "loss" for r in records)
+
+
 # -- checks at trained weights -------------------------------------------------------------------------
 def test_check_gradients_uses_trained_weights(tmp_path: Path) -> None:
     model, batch = _gpt(), _tokens()

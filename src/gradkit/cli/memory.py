@@ -8,13 +8,13 @@ import json
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gradkit.cli._parser import add_model_data_args, check_model_data, group_size, thread_count
 from gradkit.compress import ATTENTION_BITS, MAX_GROUP_SIZE, MODES, Activations, measure_activations
 from gradkit.data import BatchLoader, load_dataset
 from gradkit.errors import ConfigError
+from gradkit.losses import cross_entropy
 from gradkit.memory import CudaMemoryStats, largest_batch, step_peak_bytes
 from gradkit.models import build_model
 from gradkit.precision import PRECISIONS, Precision
@@ -115,13 +115,13 @@ def run(args: argparse.Namespace) -> int:
         for mode in args.activations:
             peaks[mode] = _peak(model, x, y, mode, precision, options, stats)
     if args.json:
-        payload = [dict(r.to_dict(), model=args.model, data=args.data, batch_size=int(y.numel()),
+        payload = [dict(r.to_dict(), model=args.model, data=args.data, batch_size=int(y.shape[0]),
                         precision=args.precision, device=str(device),
                         **({"peak_bytes": peaks[r.mode]} if peaks else {}))
                    for r in results]
         print(json.dumps(payload[0] if len(payload) == 1 else payload, indent=2))
         return 0
-    print(f"{args.model} on {args.data}, batch {y.numel()}: bytes saved for backward by one step")
+    print(f"{args.model} on {args.data}, batch {y.shape[0]}: bytes saved for backward by one step")
     if len(results) == 1:
         r = results[0]
         table = [(rec.module or "-", "x".join(map(str, rec.shape)), str(rec.dtype).replace("torch.", ""),
@@ -157,7 +157,7 @@ def _step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str, precisi
     act = Activations(model, mode, **(options if mode != "exact" else {}))
     try:
         with precision.context(), act:
-            loss = F.cross_entropy(model(x), y)
+            loss = cross_entropy(model(x), y)
         loss.backward()
     finally:
         act.close()

@@ -10,6 +10,7 @@ attention sharpens as it learns (:mod:`._rules`). So :func:`check_gradients` tak
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 import statistics
 from collections.abc import Callable, Iterable, Mapping
@@ -136,6 +137,22 @@ def _layer_grads(model: nn.Module) -> dict[str, torch.Tensor]:
     return grads
 
 
+def require_one_input(model: nn.Module, who: str) -> None:
+    """Raise a one-line :class:`ConfigError` if ``model(x)`` cannot run: its forward needs more than
+    the input (a model that takes targets and computes its own loss)."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):  # a builtin forward: let the call itself complain
+        return
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = [p.name for p in params if p.kind in positional and p.default is inspect.Parameter.empty]
+    if len(required) > 1:
+        raise ConfigError(
+            f"{who} runs model(x) and scores it with loss_fn, but {type(model).__name__}.forward needs "
+            f"{', '.join(required)}: pass a module whose forward(x) returns the logits, and the loss as loss_fn"
+        )
+
+
 def check_gradients(
     model: nn.Module,
     batch: Batch,
@@ -154,7 +171,8 @@ def check_gradients(
     Runs one forward+backward on ``batch`` with two copies of ``model`` (the model itself is not
     touched), one exact and one under ``mode`` (any name of ``--activations``), at ``model``'s weights,
     or at trained ones: a check at initialisation can pass where a trained model fails (int2 on a GPT:
-    cosine 0.997 at initialisation, 0.57 after 300 steps without the attention rule).
+    cosine 0.997 at initialisation, 0.57 after 300 steps without the attention rule). ``model(x)`` must
+    return what ``loss_fn`` scores: logits, for the default per-example or per-token cross-entropy.
 
     Args:
         model: the model; its weights are the ones checked unless ``weights`` or ``steps`` say otherwise.
@@ -169,7 +187,9 @@ def check_gradients(
         options: options of :class:`Activations` (``group_size``, ``attention_bits``, ...).
 
     Raises:
-        ConfigError: ``steps`` without ``batches``, or bad weights.
+        ConfigError: ``steps`` without ``batches``, or bad weights; the model's forward needs more
+            than ``x`` (it takes targets), or its output does not fit the default loss (a tuple, a
+            loss, logits of the wrong shape for ``y``).
 
     Example:
         >>> worst = min(check_gradients(model, (x, y), "blpa4"), key=lambda r: r.cosine)
@@ -177,6 +197,7 @@ def check_gradients(
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ConfigError(f"steps must be an integer >= 0, got {steps!r}")
+    require_one_input(model, "check_gradients")
     if weights is not None or steps:
         model = copy.deepcopy(model)
         if weights is not None:

@@ -183,7 +183,13 @@ class ActivationCompressor:
         if overrides:
             self._install_overrides(overrides)
         if bits is not None or overrides:
-            self._regions = Regions()
+            self._regions = Regions(inside_model=lambda: self._depth > 0 or self.model is None)
+        # The rules' TorchFunctionMode costs a Python call per torch call (ResNet-56 int8 step, batch 2,
+        # CPU: 149 ms against 116 ms without it). It watches until every module the depth hooks see has
+        # run once; if no attention or loss call happened inside the model by then, it is dropped.
+        self._watching: set[int] = set()
+        self._to_watch = {id(m) for m in (model, *model.children())} if model is not None else set()
+        self._roots = {id(model)} if model is not None else set()
 
     # -- set-up -----------------------------------------------------------------------------------
     def _install_depth_hooks(self, model: nn.Module) -> None:
@@ -192,8 +198,19 @@ class ActivationCompressor:
             self._handles.append(module.register_forward_pre_hook(self._enter_model))
             self._handles.append(module.register_forward_hook(self._leave_model, always_call=True))
 
-    def _enter_model(self, _m: nn.Module, _args: Any) -> None:
+    def _enter_model(self, m: nn.Module, _args: Any) -> None:
         self._depth += 1
+        if self._regions is not None and self._regions.active:
+            self._watching.add(id(m))
+
+    def _rules_settled(self) -> bool:
+        """Whether the rules can be dropped: every child (or the root) has run under the rules' mode,
+        and none of them called attention or a loss."""
+        regions = self._regions
+        if regions is None or regions.hits or not self._to_watch:
+            return False
+        children = self._to_watch - self._roots
+        return children <= self._watching if children else self._roots <= self._watching
 
     def _leave_model(self, _m: nn.Module, _args: Any, _out: Any) -> None:
         self._depth = max(0, self._depth - 1)
@@ -291,6 +308,8 @@ class ActivationCompressor:
         if self._regions is not None:
             self._regions.__exit__(exc_type, exc, tb)
             self._regions.clear()
+            if exc_type is None and self._rules_settled():
+                self._regions = None
         self._hooks.__exit__(exc_type, exc, tb)
         self._hooks = None
         self._seen.clear()

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from gradkit.compress._check import require_one_input
 from gradkit.compress._hooks import SavedRecord
 from gradkit.compress._modes import Activations
 from gradkit.losses import cross_entropy
@@ -69,8 +70,14 @@ def measure_activations(
 
     Both are counted by the same hooks, so the ratio compares like with like: parameters and buffers
     are excluded, a storage saved by several operations counts once, and the input batch (kept: the
-    caller holds it) counts in both.
+    caller holds it) counts in both. ``model(x)`` must return what ``loss_fn`` scores (logits, for the
+    default per-example or per-token cross-entropy).
+
+    Raises:
+        ConfigError: the model's forward needs more than ``x`` (it takes targets), or its output does
+            not fit the default loss.
     """
+    require_one_input(model, "measure_activations")
     if mode == "exact" or exact_bytes is None:
         exact = _saved(copy.deepcopy(model), x, y, "exact", loss_fn, {})
         exact_bytes = sum(r.exact_bytes for r in exact)

@@ -99,7 +99,11 @@ def per_layer(values: Any, n: int, option: str, names: Sequence[str], cast: type
 
 
 def per_sample_loss(loss_fn: LossFn, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The loss of each sample (the estimator weights samples separately).
+    """The loss of each sample, ``(N,)`` for ``N = len(y)`` (the estimator weights samples separately).
+
+    A loss that returns more than one value per sample with ``reduction='none'`` (per token: ``(N, T)``,
+    or flattened ``(N*T,)`` as ``F.cross_entropy(out.flatten(0, 1), y.flatten())`` gives) is reduced
+    to each sample's mean, the per-sample share of a batch-mean loss.
 
     Raises:
         ConfigError: the loss function cannot return per-sample losses.
@@ -110,7 +114,13 @@ def per_sample_loss(loss_fn: LossFn, out: torch.Tensor, y: torch.Tensor) -> torc
         raise ConfigError(
             "ulr needs per-sample losses: give a loss_fn that accepts reduction='none' (as torch's losses do)"
         ) from None
-    return loss.reshape(loss.shape[0], -1).mean(1) if loss.dim() > 1 else loss
+    n = y.shape[0]
+    if loss.dim() == 0 or loss.numel() % n:
+        raise ConfigError(
+            f"ulr needs one loss per sample (or per token) from loss_fn(..., reduction='none'); for a batch of "
+            f"{n} it returned shape {tuple(loss.shape)}: pass reduction through to the torch loss"
+        )
+    return loss.reshape(n, -1).mean(1) if loss.numel() != n else loss.reshape(n)
 
 
 def repeat_copies(t: torch.Tensor, copies: int) -> torch.Tensor:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 from torch.func import functional_call, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gradkit.methods._base import LossFn
 from gradkit.methods._directional import DirectionalEstimator, eval_mode_after_clean_pass
@@ -57,7 +58,9 @@ class ForwardGradient(DirectionalEstimator):
             return self.loss_fn(out, y)
 
         grads = [torch.zeros_like(p) for p in self._params]
-        with eval_mode_after_clean_pass(self, x, y) as loss:
+        # The fused attention kernels (flash, memory-efficient) have no forward-mode derivative; the
+        # math form of scaled_dot_product_attention is made of ops that have one.
+        with eval_mode_after_clean_pass(self, x, y) as loss, sdpa_kernel(SDPBackend.MATH):
             for _ in range(self.directions):
                 tangents = tuple(torch.randn_like(p) for p in primals)
                 slope = jvp(loss_of, primals, tangents)[1]

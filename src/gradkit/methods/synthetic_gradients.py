@@ -31,14 +31,25 @@ __all__ = ["SyntheticGradients", "Synthesizer", "SyntheticGradientSchedule", "Sy
 
 
 class Synthesizer(nn.Module):
-    """Predicts the per-sample gradient of a stage's output: conv for feature maps, MLP for vectors.
+    """Predicts the gradient of a stage's output from the output: a conv net for feature maps
+    ``(C, H, W)``, one MLP over ``C`` shared by every position for sequences ``(T, C)``, an MLP for
+    vectors (and for anything else, flattened).
 
-    The last layer starts at zero, so a fresh synthesizer predicts δ = 0 (no update) instead of noise.
+    A sequence boundary (a language model's ``(N, T, C)``) gets the per-position form, as DNI for
+    recurrent nets predicts the gradient of each step's state from that state (Jaderberg et al. 2017,
+    Sec. 3.1): its size does not grow with ``T`` (an MLP over the flattened ``T*C`` vector has
+    ``T``-squared times the weights and learns from one example per sequence). The last layer starts at
+    zero, so a fresh synthesizer predicts δ = 0 (no update) instead of noise.
+
+    Predictions and targets are in per-term units: the gradient of the loss times the number of terms
+    the loss averages over (:meth:`terms`), samples, or samples times positions for sequences.
 
     Args:
         shape: the stage output's shape without the batch dimension.
-        num_classes: > 0 conditions the prediction on the one-hot label (cDNI).
-        hidden: hidden channels (feature maps) or units (vectors); default: the output's width.
+        num_classes: > 0 conditions the prediction on the one-hot label (cDNI): one label per sample
+            (any shape), or for sequences also one label per position (a language model's next tokens).
+        hidden: hidden channels (feature maps, sequences) or units (vectors); default: the output's
+            width (vectors: between 64 and 1024).
     """
 
     def __init__(self, shape: Sequence[int], num_classes: int = 0, hidden: int | None = None) -> None:
@@ -46,6 +57,7 @@ class Synthesizer(nn.Module):
         self.shape = tuple(int(s) for s in shape)
         self.num_classes = num_classes
         self.spatial = len(self.shape) == 3
+        self.sequence = len(self.shape) == 2
         if self.spatial:
             channels = self.shape[0]
             width = hidden or channels
@@ -54,8 +66,9 @@ class Synthesizer(nn.Module):
                 nn.Conv2d(width, channels, 3, padding=1),
             )
         else:
-            features = math.prod(self.shape)
-            width = hidden or min(max(features, 64), 1024)
+            # Sequences: nn.Linear acts on the last dimension, so this MLP runs at every position.
+            features = self.shape[-1] if self.sequence else math.prod(self.shape)
+            width = hidden or (features if self.sequence else min(max(features, 64), 1024))
             self.net = nn.Sequential(
                 nn.Linear(features + num_classes, width), nn.ReLU(), nn.Linear(width, features),
             )
@@ -65,17 +78,34 @@ class Synthesizer(nn.Module):
         assert last.bias is not None
         nn.init.zeros_(last.bias)
 
+    def terms(self, h: torch.Tensor) -> int:
+        """How many loss terms a batch ``h`` stands for: samples, times positions for sequences (a
+        per-token loss is a mean over both)."""
+        return h.shape[0] * h.shape[1] if self.sequence else h.shape[0]
+
     def forward(self, h: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         n = h.shape[0]
-        inputs = h if self.spatial else h.reshape(n, -1)
+        inputs = h if self.spatial or self.sequence else h.reshape(n, -1)
         if self.num_classes:
             if y is None:
                 raise ValueError("a label-conditioned synthesizer needs the labels")
-            onehot = nn.functional.one_hot(y, self.num_classes).to(h.dtype)
-            if self.spatial:
-                onehot = onehot[:, :, None, None].expand(-1, -1, *h.shape[2:])
-            inputs = torch.cat([inputs, onehot], dim=1)
+            inputs = torch.cat([inputs, self._onehot(h, y)], dim=1 if self.spatial else -1)
         return self.net(inputs).reshape(h.shape)
+
+    def _onehot(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The label as input channels: per sample, broadcast over positions or pixels; or per position."""
+        per_position = self.sequence and tuple(y.shape) == tuple(h.shape[:2])
+        if y.dim() != 1 and not per_position:
+            where = f"a {tuple(h.shape[1:])} boundary" + (" of another length" if self.sequence else "")
+            raise ConfigError(f"dni option conditioned=true takes one label per example, or one per position "
+                              f"at (N, T, C) boundaries; labels {tuple(y.shape)} do not fit {where}: "
+                              "drop -o conditioned=true")
+        onehot = nn.functional.one_hot(y.long(), self.num_classes).to(h.dtype)
+        if self.spatial:
+            return onehot[:, :, None, None].expand(-1, -1, *h.shape[2:])
+        if self.sequence and not per_position:
+            return onehot[:, None, :].expand(-1, h.shape[1], -1)
+        return onehot
 
 
 class SyntheticGradientSchedule(Schedule):
@@ -168,8 +198,8 @@ class SyntheticGradientStage(PipelineStage):
     def _predict(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         assert self.synthesizer is not None
         with torch.no_grad():
-            # The synthesizer predicts the per-sample gradient; the loss is a batch mean.
-            return self.synthesizer(h, y) / h.shape[0]
+            # The synthesizer predicts per-term gradients; the loss is a mean over the terms.
+            return self.synthesizer(h, y) / self.synthesizer.terms(h)
 
     def _backward(self, batch: int, true_delta: torch.Tensor | None) -> dict[str, torch.Tensor]:
         if self.current is None or self.current[0] != batch:
@@ -193,7 +223,7 @@ class SyntheticGradientStage(PipelineStage):
         target = true_delta if true_delta is not None else delta
         assert target is not None and self.synthesizer is not None and self.synth_optimizer is not None
         self.synth_optimizer.zero_grad(set_to_none=True)
-        loss = nn.functional.mse_loss(self.synthesizer(h, y), target * h.shape[0])
+        loss = nn.functional.mse_loss(self.synthesizer(h, y), target * self.synthesizer.terms(h))
         loss.backward()
         self.synth_optimizer.step()
 
@@ -306,14 +336,17 @@ class SyntheticGradients(PipelineMethod):
 
     @torch.no_grad()
     def _build_synthesizers(self, x: torch.Tensor) -> None:
-        """Shapes of every stage output (and the class count, for cDNI) from one probe forward."""
+        """Shapes of every stage output (and the class count, for cDNI) from one probe forward.
+
+        The classes are the model output's dimension 1, or its last for per-token logits ``(N, T, V)``
+        (what the default loss reads)."""
         shapes = []
         h = x
         with frozen_running_stats(nn.ModuleList(self.stages)):
             for stage in self.stages:
                 h = stage(h)
                 shapes.append(tuple(h.shape[1:]))
-        num_classes = int(h.shape[1]) if self.conditioned else 0
+        num_classes = int(h.shape[-1] if h.dim() == 3 else h.shape[1]) if self.conditioned else 0
         for pipeline_stage, shape in zip(self.pipeline_stages[:-1], shapes[:-1], strict=True):
             assert isinstance(pipeline_stage, SyntheticGradientStage)
             if pipeline_stage.synthesizer is None:

@@ -46,7 +46,9 @@ class GPTEmbedding(nn.Module):
         t = ids.shape[1]
         if t > self.context:
             raise ValueError(f"sequence of {t} tokens is longer than the model's context {self.context}")
-        positions = torch.arange(t, device=ids.device)
+        # Positions (N, T) rather than (T,): the position embedding's output then has a batch dimension
+        # like every other layer's, which per-sample noise (ulr) needs.
+        positions = torch.arange(t, device=ids.device).expand(ids.shape[0], t)
         return self.token(ids.long()) + self.position(positions)
 
 
