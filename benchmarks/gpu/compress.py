@@ -6,9 +6,6 @@ batch 256 and 1024. For each batch size and mode (exact, int8, int4, int2, blpa4
 * time: median over ``--steps`` timed steps after ``--warmup`` untimed ones (CUDA-synchronised);
 * peak: ``torch.cuda.max_memory_allocated()`` during one step, less what is allocated before it (the
   model, its gradients and the optimizer's state, which exist after the warm-up);
-* live: the peak of the bytes held by tensors that torch operations made during one untimed step
-  (:class:`gradkit.compress.LiveTensorPeak`, any device): the allocator's peak without library
-  workspaces such as cuDNN's, i.e. what activation compression controls;
 
 and prints a table of both as ratios to exact. Appends one JSON line per (batch, mode) to ``--out``.
 
@@ -31,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from gradkit.compress import Activations, LiveTensorPeak
+from gradkit.compress import Activations
 from gradkit.models import build_model
 
 HERE = Path(__file__).resolve().parent
@@ -68,9 +65,6 @@ def measure(mode: str, batch: int, model_name: str, device: torch.device, warmup
         step()
         _sync(device)
         peak = torch.cuda.max_memory_allocated(device) - base
-    live = LiveTensorPeak()
-    with live:
-        step()
     times = []
     for _ in range(steps):
         _sync(device)
@@ -80,7 +74,7 @@ def measure(mode: str, batch: int, model_name: str, device: torch.device, warmup
         times.append(time.perf_counter() - t0)
     act.close()
     return {"mode": mode, "batch": batch, "model": model_name, "step_s": statistics.median(times),
-            "peak_bytes": peak, "live_peak_bytes": live.peak, "steps": steps, "warmup": warmup}
+            "peak_bytes": peak, "steps": steps, "warmup": warmup}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,17 +117,14 @@ def main(argv: list[str] | None = None) -> int:
                 if r["peak_bytes"] and ref["peak_bytes"]:
                     # As in the targets: how many times below exact ("4x below").
                     r["peak_ratio"] = ref["peak_bytes"] / r["peak_bytes"]
-                r["live_ratio"] = ref["live_peak_bytes"] / r["live_peak_bytes"]
             rows.append(r)
     print(f"{args.model} on {env.get('gpu', device)}: ratios to exact (peak = max allocated during a step, "
           "less model and optimizer state)")
-    print(f"{'batch':>6} {'mode':>6} {'step ms':>9} {'time x':>7} {'peak MiB':>9} {'x below':>7} {'live MiB':>9} "
-          f"{'x below':>7}")
+    print(f"{'batch':>6} {'mode':>6} {'step ms':>9} {'time x':>7} {'peak MiB':>9} {'x below':>7}")
     for r in rows:
         peak = "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.0f}"
         print(f"{r['batch']:>6} {r['mode']:>6} {r['step_s'] * 1e3:>9.1f} {r.get('time_ratio', float('nan')):>7.2f} "
-              f"{peak:>9} {r.get('peak_ratio', float('nan')):>7.2f} {r['live_peak_bytes'] / 2**20:>9.0f} "
-              f"{r.get('live_ratio', float('nan')):>7.2f}")
+              f"{peak:>9} {r.get('peak_ratio', float('nan')):>7.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("a") as f:
         for r in rows:

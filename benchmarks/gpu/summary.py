@@ -5,8 +5,7 @@
 Rows: per activation mode, step-time and peak-memory ratios against exact (ResNet-56 at batch 256
 and 1024 from ``compress.py``; the Transformer encoder from ``transformer.py``), then samples/s per
 method (``methods.py``). Every ``*.jsonl`` in the folder is read; a record with a ``mode`` is an
-activation-mode row (``time_ratio``: step time / exact's; ``peak_ratio``: exact's peak / the mode's;
-``live_ratio``: the same for the live-tensor peak, which leaves out library workspaces).
+activation-mode row (``time_ratio``: step time / exact's; ``peak_ratio``: exact's peak / the mode's).
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ def ratio(value: Any) -> str:
 def main(argv: list[str]) -> int:
     folder = Path(argv[1] if len(argv) > 1 else "benchmarks/gpu/results")
     rows = load(folder)
-    table: list[tuple[str, str, str, str, str]] = []
+    table: list[tuple[str, str, str, str]] = []
     for r in rows:
         if "mode" not in r:
             continue
@@ -48,14 +47,13 @@ def main(argv: list[str]) -> int:
             what = f"{r.get('model', 'resnet56')} b{r.get('batch_size', r.get('batch', '?'))}"
         time_r = r.get("time_ratio", r.get("step_time_ratio"))
         peak_r = r.get("peak_ratio", r.get("peak_memory_ratio"))
-        table.append((what, str(r["mode"]), ratio(time_r), ratio(peak_r), ratio(r.get("live_ratio"))))
+        table.append((what, str(r["mode"]), ratio(time_r), ratio(peak_r)))
     methods = [r for r in rows if r.get("benchmark") == "methods"]
     device = next((r.get("gpu") or r.get("device") for r in rows if r.get("gpu") or r.get("device")), "?")
-    print(f"gpu-check summary ({device}); time: step time / exact's; peak: exact's peak / mode's "
-          "(allocator); live: the same without library workspaces")
-    print(f"{'workload':<26} {'mode':<7} {'time':>7} {'peak':>7} {'live':>7}")
-    for what, mode, t, p, live in table:
-        print(f"{what:<26} {mode:<7} {t:>7} {p:>7} {live:>7}")
+    print(f"gpu-check summary ({device}); time: step time / exact's; peak: exact's peak / mode's")
+    print(f"{'workload':<26} {'mode':<7} {'time':>7} {'peak':>7}")
+    for what, mode, t, p in table:
+        print(f"{what:<26} {mode:<7} {t:>7} {p:>7}")
     if not table:
         print("(no activation-mode results)")
     if methods:

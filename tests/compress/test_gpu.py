@@ -1,6 +1,6 @@
 """On a real GPU (skipped without CUDA): the Triton path's codes equal the reference's for the same
 noise, pack/unpack and the BLPA unit never synchronise with the host, and an int4 ResNet step's peak
-memory (of live tensors, and of the allocator) is well below the exact step's."""
+memory is well below the exact step's."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from contextlib import contextmanager, nullcontext
 import pytest
 import torch
 import torch.nn.functional as F
-from live_peak import resnet_step_peak
 from torch import nn
 
 from gradkit.compress import Activations, _blpa, _device, _quant, bn_relu_conv
@@ -114,8 +113,7 @@ def test_blpa_unit_without_host_sync_and_close_to_the_torch_path(monkeypatch: py
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def _allocator_step_peak(mode: str, batch: int) -> int:
-    """``max_memory_allocated`` during the second step, less what was allocated before it."""
+def _step_peak(mode: str, batch: int) -> int:
     torch.manual_seed(0)
     model = build_model("resnet20", (3, 32, 32), 10).to(CUDA)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -139,19 +137,12 @@ def _allocator_step_peak(mode: str, batch: int) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-def test_int4_step_live_tensor_peak_well_below_exact() -> None:
-    """Stored bytes fall ~7x at int4; the peak of live tensors must follow (at most 0.35 of exact; 0.25
-    measured on an H200), i.e. decoded copies and temporaries of the CUDA path do not pile up."""
-    exact = resnet_step_peak("exact", 128, CUDA)
-    int4 = resnet_step_peak("int4", 128, CUDA)
-    assert int4 <= 0.35 * exact, (int4 / 2**20, exact / 2**20)
-
-
-def test_int4_step_allocator_peak_below_exact() -> None:
-    """The allocator's peak also counts cuDNN's workspace, which no activation mode changes (measured
-    on an H200 at batch 128: exact 260 MiB, int4 185 MiB, live tensors 194 and 49 MiB): int4 must still
-    be lower by most of what it does not store."""
-    exact = _allocator_step_peak("exact", 128)
-    int4 = _allocator_step_peak("int4", 128)
-    saved = resnet_step_peak("exact", 128, CUDA) - resnet_step_peak("int4", 128, CUDA)
-    assert exact - int4 >= 0.4 * saved, ((exact - int4) / 2**20, saved / 2**20)
+@pytest.mark.xfail(strict=True, reason="unmet target, measured on an H200 (2026-11-27): int4 peak 185 MiB "
+                   "against exact 260 MiB (0.71, not <= 0.6); not cuDNN's workspace (capping it changed nothing); "
+                   "see benchmarks/gpu/README.md")
+def test_int4_step_peak_memory_well_below_exact() -> None:
+    """Stored bytes fall ~7x at int4; the step's peak must follow (here: at most 0.6 of exact), i.e.
+    decoded copies and temporaries do not pile up."""
+    exact = _step_peak("exact", 128)
+    int4 = _step_peak("int4", 128)
+    assert int4 <= 0.6 * exact, (int4 / 2**20, exact / 2**20)

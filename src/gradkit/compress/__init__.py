@@ -33,7 +33,7 @@ from gradkit.compress._check import (
     track_gradients,
 )
 from gradkit.compress._hooks import ActivationCompressor, SavedRecord
-from gradkit.compress._measure import ActivationMemory, LiveTensorPeak, measure_activations
+from gradkit.compress._measure import ActivationMemory, measure_activations
 from gradkit.compress._modes import (
     ATTENTION_BITS,
     MODES,
@@ -51,7 +51,6 @@ __all__ = [
     "MODES",
     "ActivationCompressor",
     "ActivationMemory",
-    "LiveTensorPeak",
     "Activations",
     "GradientCheck",
     "LayerGradient",

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import copy
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from gradkit.compress._check import require_one_input
 from gradkit.compress._hooks import SavedRecord
 from gradkit.compress._modes import Activations
 from gradkit.losses import cross_entropy
 
-__all__ = ["ActivationMemory", "LiveTensorPeak", "measure_activations"]
+__all__ = ["ActivationMemory", "measure_activations"]
 
 
 @dataclass(frozen=True)
@@ -85,41 +81,3 @@ def measure_activations(
             return ActivationMemory(mode, exact_bytes, exact_bytes, exact)
     records = _saved(copy.deepcopy(model), x, y, mode, loss_fn, options)
     return ActivationMemory(mode, exact_bytes, sum(r.stored_bytes for r in records), records)
-
-
-class LiveTensorPeak(TorchDispatchMode):
-    """Inside it, ``peak`` is the most bytes that tensors made by torch operations held at once.
-
-    Unlike ``torch.cuda.max_memory_allocated`` it leaves out library workspaces (cuDNN's convolution
-    workspace: ~130 MiB for ResNet-20 at batch 128 on an H200), which no activation mode changes and
-    which set a floor under the allocator's peak. What it counts is what activation compression
-    controls: saved copies, decoded copies and temporaries. Any device; slows the ops it watches.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._live: dict[int, int] = {}
-        self.current = 0
-        self.peak = 0
-
-    def _track(self, t: torch.Tensor) -> None:
-        storage = t.untyped_storage()
-        key, size = storage.data_ptr(), storage.nbytes()
-        if size == 0 or key in self._live:  # views share their base's storage
-            return
-        self._live[key] = size
-        self.current += size
-        weakref.finalize(storage, self._free, key)
-
-    def _free(self, key: int) -> None:
-        size = self._live.pop(key, None)
-        if size is not None:
-            self.current -= size
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self._track(t)
-        self.peak = max(self.peak, self.current)
-        return out
