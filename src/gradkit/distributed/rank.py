@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"gradkit train: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except BaseException:
-        if launcher_gone():  # the store or a peer vanished with the launcher: say that, not the trace
+        if _launcher_gone_within(2.0):  # the store or a peer vanished with the launcher: say that, not the trace
             _stop_orphan(rank, spec)
         raise
     return 0
@@ -68,6 +68,18 @@ def _launcher_pid() -> int | None:
 def launcher_gone() -> bool:
     pid = _launcher_pid()
     return pid is not None and os.getppid() != pid  # an orphan is re-parented
+
+
+def _launcher_gone_within(seconds: float) -> bool:
+    """Whether the launcher is gone, or goes within ``seconds``. A killed launcher closes its sockets
+    (the store's "Connection reset by peer" reaches this worker) a moment before the kernel re-parents
+    its children, so right after such an error ``os.getppid()`` may still name it."""
+    deadline = time.monotonic() + seconds
+    while not launcher_gone():
+        if _launcher_pid() is None or time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _stop_orphan(rank: int, spec: dict[str, Any]) -> NoReturn:
