@@ -187,9 +187,9 @@ class ActivationCompressor:
         # The rules' TorchFunctionMode costs a Python call per torch call (ResNet-56 int8 step, batch 2,
         # CPU: 149 ms against 116 ms without it). It watches until every module the depth hooks see has
         # run once; if no attention or loss call happened inside the model by then, it is dropped.
+        # Its children (pipelines run them without the root), or the root when it has none.
         self._watching: set[int] = set()
-        self._to_watch = {id(m) for m in (model, *model.children())} if model is not None else set()
-        self._roots = {id(model)} if model is not None else set()
+        self._must_run = ({id(m) for m in model.children()} or {id(model)}) if model is not None else set()
 
     # -- set-up -----------------------------------------------------------------------------------
     def _install_depth_hooks(self, model: nn.Module) -> None:
@@ -207,10 +207,9 @@ class ActivationCompressor:
         """Whether the rules can be dropped: every child (or the root) has run under the rules' mode,
         and none of them called attention or a loss."""
         regions = self._regions
-        if regions is None or regions.hits or not self._to_watch:
+        if regions is None or regions.hits or not self._must_run:
             return False
-        children = self._to_watch - self._roots
-        return children <= self._watching if children else self._roots <= self._watching
+        return self._must_run <= self._watching
 
     def _leave_model(self, _m: nn.Module, _args: Any, _out: Any) -> None:
         self._depth = max(0, self._depth - 1)
