@@ -361,7 +361,7 @@ def report(path: Path) -> None:
         return (f"| {r['name']}{split} | {r['val_loss']:.3f} | {r['val_loss'] - bp['val_loss']:+.3f} | "
                 f"{r['val_bpc']:.3f} | {r['train_loss_last50']:.3f} | {_mib(r['activation_bytes'])} | "
                 f"{r['activation_bytes'] / bp['activation_bytes']:.2f}x | "
-                f"{r['median_step_s'] / ref['median_step_s']:.2f}x{other} | {sigma} | {r.get('commit', '05bd17d+')} |")
+                f"{r['median_step_s'] / ref['median_step_s']:.2f}x{other} | {sigma} | {r.get('commit', 'unknown')} |")
 
     head = ("| run (blocks per stage) | val loss | vs bp | val bpc | train loss (last 50) | saved for backward + "
             "buffers | vs bp | step time vs bp | σ / cos (mean) | code |\n|---|---|---|---|---|---|---|---|---|---|")
@@ -387,7 +387,7 @@ def report(path: Path) -> None:
                   "curve " + " ".join(f"{s}:{v:.2f}" for s, v in r["curve"]))
         if r["bench"] != "diagnose":
             continue
-        print(f"\n### per-stage cosines, {r['name']} (stage sizes {r['stage_sizes']}, code {r.get('commit', '05bd17d+')})\n")
+        print(f"\n### per-stage cosines, {r['name']} (stage sizes {r['stage_sizes']}, code {r.get('commit', 'unknown')})\n")
         k = r["stages"]
         print("| step | σ | " + " | ".join(f"stage {s} same / new batch" for s in range(k - 1)) + " | last stage | tied |")
         print("|---" * (k + 3) + "|")
