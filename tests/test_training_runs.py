@@ -94,6 +94,16 @@ def test_per_stage_memory_is_in_the_metrics(blobs: Dataset) -> None:
     assert history[0]["activation_bytes"] == sum(s["total_bytes"] for s in stages)
 
 
+def test_a_run_with_threads_gives_the_caller_its_thread_count_back(blobs: Dataset, capsys: pytest.CaptureFixture[str],
+                                                                   tmp_path: Path) -> None:
+    # --threads is the run's; a notebook (or a test) that calls train() or main() keeps its own count.
+    caller = torch.get_num_threads()  # 1 under this file's fixture
+    train(config(None, method="bp", stages=1, epochs=1, threads=caller + 1), dataset=blobs)
+    assert torch.get_num_threads() == caller
+    assert main(["memory", "--model", "mlp", "--data", "digits", "--threads", str(caller + 1)]) == 0
+    assert torch.get_num_threads() == caller
+
+
 def test_cli_fr_with_one_stage_prints_the_same_losses_as_bp(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     def losses(method: str) -> list[str]:
         code = main(["train", "--method", method, "--stages", "1", "--model", "mlp", "--data", "digits",

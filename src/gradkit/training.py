@@ -20,6 +20,7 @@ from gradkit.errors import ConfigError, DataError, GradkitError, RunInterrupted,
 from gradkit.launch_env import in_rank_process, launched_world_size
 from gradkit.loop import RunResult, StepCallback, Trainer
 from gradkit.run_folder import RunFolder
+from gradkit.threads import torch_threads
 
 __all__ = ["train"]
 
@@ -73,7 +74,9 @@ def train(
     try:
         if folder is not None:
             folder.remove_stale_temp_files()
-        return _train_here(config, dataset, on_step)
+        # The run's --threads holds for the run only: the caller's thread count comes back afterwards.
+        with torch_threads(config.threads):
+            return _train_here(config, dataset, on_step)
     finally:
         if lock is not None:
             lock.release()

@@ -14,6 +14,7 @@ from gradkit._fileio import is_disk_full
 from gradkit.cli import compare, datasets, diagnose, env, evaluate, memory, plot, schedule, train
 from gradkit.cli._parser import Parser
 from gradkit.errors import GradkitError
+from gradkit.threads import torch_threads
 
 __all__ = ["main"]
 
@@ -57,7 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     root.setLevel(logging.WARNING if args.quiet else logging.INFO)
     root.propagate = False
     try:
-        return args.run(args)
+        # A command's --threads holds for the command only (main() also runs in-process).
+        with torch_threads(None):
+            return args.run(args)
     except GradkitError as exc:
         # Ctrl-C is not an error; its message already says what was saved.
         kind = "" if exc.exit_code == 130 else "error: "

@@ -22,6 +22,7 @@ from torch import nn
 
 from gradkit.devices import fork_rng
 from gradkit.errors import ConfigError
+from gradkit.threads import torch_threads
 
 __all__ = ["BlockCost", "profile_blocks"]
 
@@ -74,15 +75,9 @@ def profile_blocks(
         raise ConfigError(f"threads must be an int >= 1 or None, got {threads!r}")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ConfigError(f"repeats must be >= 1, got {repeats}")
-    before = torch.get_num_threads()
-    try:
-        if threads is not None:
-            torch.set_num_threads(threads)
+    # A worker or benchmark profiles once and then trains: it must keep its own thread count.
+    with torch_threads(threads):
         return _measure_blocks(model, sample, repeats)
-    finally:
-        # A worker or benchmark profiles once and then trains: it must keep its own thread count.
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
 
 
 def _measure_blocks(model: nn.Sequential, sample: torch.Tensor, repeats: int) -> list[BlockCost]:
