@@ -181,3 +181,15 @@ def test_cifar10_shared_tarball_and_cache(
     assert time.perf_counter() - start < 20  # loose: seconds, not a decode
     assert torch.bincount(again.train_y).tolist() == [100] * 10
     assert again.info == ds.info
+
+
+def test_digits_read_directly_equal_scikit_learns_loader() -> None:
+    # gradkit reads scikit-learn's CSV itself (no 2 s scikit-learn import in every worker process).
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    from gradkit.data._registry import _digits_arrays
+
+    images, labels = _digits_arrays()
+    bunch = sk_load_digits()
+    assert images.shape == (1797, 64) and labels.shape == (1797,)
+    assert (images == bunch.data).all() and (labels == bunch.target).all()

@@ -9,10 +9,12 @@ values, which is cheap), before any ``limit_train`` subset, so they do not depen
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import logging
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -208,15 +210,8 @@ def load_digits(
     accuracy is comparable across runs. ``data_dir`` and ``download`` are ignored: the data ships with
     scikit-learn.
     """
-    try:
-        from sklearn.datasets import load_digits as sk_load_digits
-    except ImportError:
-        raise DataError(
-            "the digits dataset comes with scikit-learn, which is not installed: pip install scikit-learn"
-        ) from None
-    bunch = sk_load_digits()
-    x = (np.asarray(bunch.images, dtype=np.float32) / 16.0).reshape(-1, 1, 8, 8)
-    y = np.asarray(bunch.target, dtype=np.int64)
+    images, y = _digits_arrays()
+    x = (images.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
     train, test = _split_indices(y, 0.2, seed=0)
     train_x = torch.from_numpy(x[train])
     classes = tuple(str(d) for d in range(10))
@@ -227,6 +222,28 @@ def load_digits(
         torch.from_numpy(x[test]),
         torch.from_numpy(y[test]),
     )
+
+
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The 1797 digit images (values 0..16) and labels from the CSV scikit-learn ships.
+
+    Read directly when the file has the layout scikit-learn's own loader reads (64 pixels then the
+    label per row): importing scikit-learn takes about 2 s, and every worker process of a run pays it.
+    Any other layout goes through scikit-learn's loader.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None:
+        raise DataError("the digits dataset comes with scikit-learn, which is not installed: pip install scikit-learn")
+    for root in spec.submodule_search_locations or ():
+        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            table = np.loadtxt(path, delimiter=",", ndmin=2)
+            if table.shape == (1797, 65):
+                return table[:, :-1], table[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    bunch = sk_load_digits()
+    return np.asarray(bunch.data, dtype=np.float64), np.asarray(bunch.target, dtype=np.int64)
 
 
 SYNTHETIC_SIZE = (2000, 500)
