@@ -48,6 +48,7 @@ from gradkit.data import BatchLoader, Dataset, load_dataset
 from gradkit.direction import true_gradient
 from gradkit.envinfo import collect
 from gradkit.losses import cross_entropy
+from gradkit.methods.synthetic_gradients import SyntheticGradients
 from gradkit.optim import OptimizerConfig
 
 HERE = Path(__file__).resolve().parent
@@ -69,6 +70,7 @@ RUNS: dict[str, tuple[str, dict[str, Any]]] = {
     "fr-k4": ("methods", {"method": "fr", "stages": 4}),
     "ddg-k2": ("methods", {"method": "ddg", "stages": 2}),
     "dni-k2": ("methods", {"method": "dni", "stages": 2}),
+    "dni-k2-min-cosine": ("methods", {"method": "dni", "stages": 2, "method_options": {"min_cosine": 0.1}}),
     "ulr-hybrid-k2": ("methods", {"method": "ulr", "stages": 2, "method_options": {"copies": 16}}),
     "int8": ("activations", {"activations": "int8"}),
     "int4": ("activations", {"activations": "int4"}),
@@ -167,6 +169,8 @@ def run_one(name: str, args: argparse.Namespace, data: Dataset, measure_every: i
         "cosine_mean": final.get("direction_cosine_mean"), "cosine_min": final.get("direction_cosine_min"),
         "curve": curve,
     }
+    if isinstance(result.method, SyntheticGradients):
+        record["synthetic_updates"] = result.method.synthetic_update_counts()
     if config.activations != "exact" or name == "bp":
         record.update(_stored_bytes(config, data))
     return record

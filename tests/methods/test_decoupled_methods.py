@@ -113,6 +113,49 @@ def test_dni_synthesizer_learns_the_true_gradient() -> None:
     assert cosine > 0.6
 
 
+def test_dni_min_cosine_keeps_untrusted_stages_still_and_still_sends_delta_down() -> None:
+    """min_cosine=1 never trusts a synthesizer: the stages below the last keep their weights (no
+    weight-decay or momentum drift either), yet every synthesizer still fits on the δ sent down."""
+    model = small_model()
+    before = copy.deepcopy(model)
+    method = build("dni", gradkit.split(model, 3, balance="count"), min_cosine=1.0,
+                   optimizer=OptimizerConfig(name="adam", lr=0.01, weight_decay=1e-3).factory())
+    for x, y in batches(8):
+        method.step(x, y)
+    lower = method.pipeline_stages[:-1]
+    kept = [torch.equal(p, q) for p, q in zip(model.parameters(), before.parameters(), strict=True)]
+    n_lower = sum(len(list(s.module.parameters())) for s in lower)
+    assert all(kept[:n_lower]) and not any(kept[n_lower:])  # the last stage trains as usual
+    for stage in lower:
+        assert stage.synthetic_updates == {"applied": 0, "skipped": 8}
+        last_layer = list(stage.synthesizer.parameters())[-2:]
+        assert any(p.abs().sum() > 0 for p in last_layer)  # the zero-initialised last layer has learned
+    # Resume: the trust and the counts travel with the in-flight state.
+    again = build("dni", gradkit.split(copy.deepcopy(model), 3, balance="count"), min_cosine=1.0)
+    again.load_state_dict(method.state_dict())
+    assert [float(s.agreement) for s in again.pipeline_stages[:-1]] == [float(s.agreement) for s in lower]
+    assert [s.synthetic_updates for s in again.pipeline_stages[:-1]] == [s.synthetic_updates for s in lower]
+
+
+def test_dni_min_cosine_applies_a_synthesizer_once_it_agrees_with_the_true_delta() -> None:
+    # During the warm-up the true δ is used and the synthesizer fits; a conditioned one learns a fixed
+    # batch's δ (cosine > 0.6, as tested above), so afterwards its δ is trusted and applied.
+    model = small_model()
+    method = build("dni", gradkit.split(model, 2, balance="count"), optimizer=OptimizerConfig(lr=0.02).factory(),
+                   warmup_steps=300, synthesizer_lr=0.05, conditioned=True, min_cosine=0.5)
+    x, y = batches(1, size=64)[0]
+    for _ in range(305):
+        method.step(x, y)
+    first = method.pipeline_stages[0]
+    assert first.agreement > 0.5
+    assert first.synthetic_updates["applied"] >= 4 and first.synthetic_updates["skipped"] == 0
+
+
+def test_dni_min_cosine_out_of_range_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="min_cosine"):
+        build("dni", gradkit.split(small_model(), 2, balance="count"), min_cosine=1.5)
+
+
 @pytest.mark.parametrize("name", DECOUPLED)
 def test_adam_and_a_custom_loss_train(name: str) -> None:
     def smooth_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,9 @@ from gradkit.pipeline.stage import PipelineError, PipelineStage
 
 __all__ = ["SyntheticGradients", "Synthesizer", "SyntheticGradientSchedule", "SyntheticGradientStage"]
 
+AGREEMENT_WEIGHT = 0.1
+"""Weight of the newest fit in a stage's ``agreement`` (about the last 10 batches count)."""
+
 
 class Synthesizer(nn.Module):
     """Predicts the gradient of a stage's output from the output: a conv net for feature maps
@@ -169,6 +172,12 @@ class SyntheticGradientStage(PipelineStage):
         self.current: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         # (batch, output, label, true δ or None): outputs waiting for the true δ to fit on.
         self.pending: deque[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]] = deque()
+        self.agreement: torch.Tensor | float = 0.0
+        """Exponential average of the cosine between the synthesizer's prediction for a batch (made
+        before fitting on it) and that batch's true δ: how far its synthetic δ can be trusted."""
+        self.synthetic_updates = {"applied": 0, "skipped": 0}
+        """Synthetic updates made, and skipped because ``agreement`` was below the method's
+        ``min_cosine``."""
 
     def build_synthesizer(self, shape: Sequence[int], num_classes: int) -> None:
         self.synthesizer = Synthesizer(shape, num_classes, self.method.synthesizer_hidden)
@@ -212,7 +221,16 @@ class SyntheticGradientStage(PipelineStage):
             mix = self.method.mix_at(batch)
             delta = true_delta if mix == 1.0 else mix * true_delta + (1.0 - mix) * delta
         self.optimizer.zero_grad(set_to_none=True)
-        out.backward(delta)
+        if true_delta is None and self.method.min_cosine > -1.0 and float(self.agreement) < self.method.min_cosine:
+            # Not trusted: the weights keep their values (no .grad, so the update skips them, shared
+            # ones included), but δ still goes down, so the stage below keeps fitting its synthesizer.
+            self.synthetic_updates["skipped"] += 1
+            if x.requires_grad:
+                (x.grad,) = torch.autograd.grad(out, x, delta)
+        else:
+            if true_delta is None:
+                self.synthetic_updates["applied"] += 1
+            out.backward(delta)
         self.pending.append((batch, h, y, true_delta))
         return self.input_grad(x)
 
@@ -223,7 +241,13 @@ class SyntheticGradientStage(PipelineStage):
         target = true_delta if true_delta is not None else delta
         assert target is not None and self.synthesizer is not None and self.synth_optimizer is not None
         self.synth_optimizer.zero_grad(set_to_none=True)
-        loss = nn.functional.mse_loss(self.synthesizer(h, y), target * self.synthesizer.terms(h))
+        predicted = self.synthesizer(h, y)
+        scaled_target = target * self.synthesizer.terms(h)
+        # Measured before fitting on this batch, so it is the prediction's quality on unseen data. Kept
+        # on the device: only a stage that gates on it (min_cosine) reads it back, once per step.
+        cosine = nn.functional.cosine_similarity(predicted.detach().flatten(), scaled_target.flatten(), dim=0)
+        self.agreement = (1 - AGREEMENT_WEIGHT) * self.agreement + AGREEMENT_WEIGHT * cosine
+        loss = nn.functional.mse_loss(predicted, scaled_target)
         loss.backward()
         self.synth_optimizer.step()
 
@@ -245,6 +269,8 @@ class SyntheticGradientStage(PipelineStage):
                 "weights": self.synthesizer.state_dict(),
             },
             "pending": list(self.pending),
+            "agreement": self.agreement,
+            "synthetic_updates": dict(self.synthetic_updates),
         }
 
     def load_buffer_state(self, state: dict[str, Any]) -> None:
@@ -254,6 +280,9 @@ class SyntheticGradientStage(PipelineStage):
             assert self.synthesizer is not None
             self.synthesizer.load_state_dict(synth["weights"])
         self.pending = deque(tuple(p) for p in state["pending"])  # type: ignore[misc]
+        # Checkpoints written before min_cosine existed hold neither: a fresh start is what they did.
+        self.agreement = state.get("agreement", 0.0)
+        self.synthetic_updates = dict(state.get("synthetic_updates", {"applied": 0, "skipped": 0}))
 
     def reset(self) -> None:
         self.pending.clear()
@@ -274,6 +303,12 @@ class SyntheticGradients(PipelineMethod):
             any value > 0 makes every stage wait for the true δ (backward locking).
         synthesizer_lr: learning rate of the synthesizers (default: the stages' rate).
         synthesizer_hidden: hidden width of the synthesizers (default: the stage output's width).
+        min_cosine: update a stage with its synthetic δ only while its synthesizer's recent
+            predictions have at least this cosine with the true δ (an exponential average over the
+            fits, starting at 0); below it the stage keeps its weights that step. -1 (the default)
+            applies every prediction, as in the paper. A synthesizer that cannot predict δ (a
+            language model's, whose δ depends on the next token) otherwise drives the stage with
+            its bias alone, and under Adam that bias gets full-sized steps.
         record_timeline: keep every executed action in ``executor.timeline``.
     """
 
@@ -290,6 +325,7 @@ class SyntheticGradients(PipelineMethod):
         true_gradient_mix: float = 0.0,
         synthesizer_lr: float | None = None,
         synthesizer_hidden: int | None = None,
+        min_cosine: float = -1.0,
         record_timeline: bool = False,
     ) -> None:
         if not 0.0 <= true_gradient_mix <= 1.0:
@@ -298,11 +334,14 @@ class SyntheticGradients(PipelineMethod):
             raise ConfigError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if synthesizer_hidden is not None and synthesizer_hidden < 1:
             raise ConfigError(f"synthesizer_hidden must be a positive width, got {synthesizer_hidden}")
+        if not -1.0 <= min_cosine <= 1.0:
+            raise ConfigError(f"min_cosine must be in [-1, 1] (-1: apply every synthetic δ), got {min_cosine}")
         self.conditioned = bool(conditioned)
         self.warmup_steps = int(warmup_steps)
         self.true_gradient_mix = float(true_gradient_mix)
         self.synthesizer_lr = synthesizer_lr
         self.synthesizer_hidden = synthesizer_hidden
+        self.min_cosine = float(min_cosine)
         super().__init__(stages, loss_fn=loss_fn, optimizer=optimizer, record_timeline=record_timeline)
 
     @classmethod
@@ -324,6 +363,12 @@ class SyntheticGradients(PipelineMethod):
     def make_stage(self, index: int, module: nn.Module, optimizer: torch.optim.Optimizer) -> PipelineStage:
         return SyntheticGradientStage(index, len(self.stages), module, optimizer,
                                       loss_fn=self.loss_fn, method=self)
+
+    def synthetic_update_counts(self) -> list[dict[str, float]]:
+        """Per stage below the last that this process holds: synthetic updates applied and skipped
+        (``min_cosine``) and the synthesizer's current agreement with the true δ."""
+        return [{**s.synthetic_updates, "agreement": round(float(s.agreement), 4)}
+                for s in self.pipeline_stages if isinstance(s, SyntheticGradientStage) and not s.is_last]
 
     def mix_at(self, batch: int) -> float:
         """Weight of the true δ for ``batch``: 1 during the warm-up, then ``true_gradient_mix``."""
