@@ -6,6 +6,7 @@ import inspect
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from gradkit.errors import ConfigError
@@ -103,11 +104,24 @@ def check_options(name: str, options: dict[str, Any], *, stage_parallel: bool = 
     _check_option_names_and_types(name, cls, options, stage_parallel)
     stages = [nn.Sequential(nn.Flatten(), nn.Linear(1, 1)), nn.Sequential(nn.Linear(1, 1))]
     try:
-        cls(stages, **options)
+        # Methods check their options before they build optimizers, so the build stops there: a
+        # torch optimizer's first use imports torch._dynamo (seconds), and the launcher of a
+        # multi-process run would pay that before starting any worker.
+        cls(stages, optimizer=_options_checked, **options)
     except ConfigError:
         raise
+    except _OptionsChecked:
+        pass
     except Exception:  # noqa: BLE001 - tiny stages are not the real model; the real build reports these
         pass
+
+
+class _OptionsChecked(Exception):
+    """Raised where a method being checked asks for its first optimizer."""
+
+
+def _options_checked(params: object) -> torch.optim.Optimizer:
+    raise _OptionsChecked
 
 
 _TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
