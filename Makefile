@@ -10,7 +10,7 @@ TRITON_PIN ?= triton==3.9.0
 # A new folder per run: a finished demo is never overwritten, and `make demo` can be run again.
 DEMO_OUT ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: install demo test lint bench-overhead gpu-data gpu-check clean
+.PHONY: install demo test acceptance lint bench-overhead gpu-data gpu-check clean
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_PIN)"
@@ -29,6 +29,11 @@ demo: install
 
 test: install
 	$(PYTHON) -m pytest -q
+
+# Acceptance commands at full size that are too long for every `make test` (each has a reduced twin
+# there): cnn on all of Fashion-MNIST for 3 epochs, about 150 s on 2 cores.
+acceptance: install
+	$(PYTHON) -m pytest -q -m acceptance
 
 lint:
 	ruff check src tests benchmarks

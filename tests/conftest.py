@@ -73,7 +73,13 @@ def one_torch_thread() -> Iterator[None]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked ``gpu`` run only where CUDA is available (``make gpu-check`` runs them)."""
+    """Tests marked ``gpu`` run only where CUDA is available (``make gpu-check`` runs them); tests
+    marked ``acceptance`` only when selected with ``-m acceptance`` (``make acceptance``)."""
+    if "acceptance" not in (config.getoption("markexpr") or ""):
+        later = pytest.mark.skip(reason="full-size acceptance run: make acceptance")
+        for item in items:
+            if item.get_closest_marker("acceptance") is not None:
+                item.add_marker(later)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (marker gpu)")

@@ -118,7 +118,7 @@ def test_bad_options_fail_before_any_worker_starts(args: list[str], message: str
 
 # -- faults and interrupts -------------------------------------------------------------------------
 LONG = ["--method", "fr", "--stages", "2", "--workers", "2", "--model", "mlp", "--data", "digits",
-        "--batch-size", "4", "--lr", "0.01", "--epochs", "6", "--threads", "1", "--no-progress"]
+        "--batch-size", "4", "--lr", "0.01", "--epochs", "3", "--threads", "1", "--no-progress"]
 
 
 def _worker_pid(out: Path, rank: int, deadline: float) -> int:
@@ -170,7 +170,7 @@ def test_a_lost_worker_ends_the_run_and_resume_completes(fault: str, uninterrupt
     out = tmp_path / "run"
     launcher = subprocess.Popen([sys.executable, "-m", "gradkit", "train", *LONG, "--out", str(out)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=_env(GRADKIT_PEER_TIMEOUT_S="4"))
+                                env=_env(GRADKIT_PEER_TIMEOUT_S="4", GRADKIT_GRACE_S="2"))
     deadline = time.monotonic() + 120
     _wait_for_checkpoint(out, deadline)
     victim = _worker_pid(out, 1, deadline)

@@ -36,7 +36,7 @@ from gradkit.stages import default_threads
 
 __all__ = ["GRACE_S", "LAUNCHER_PID_ENV", "launch", "launch_spec"]
 
-GRACE_S = 10.0
+GRACE_S = float(os.environ.get("GRADKIT_GRACE_S", "10"))
 """Seconds the surviving workers get to stop by themselves after one failed, before they are killed."""
 INTERRUPTED = 130
 
