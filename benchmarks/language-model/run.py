@@ -52,7 +52,7 @@ from gradkit.methods.synthetic_gradients import SyntheticGradients
 from gradkit.optim import OptimizerConfig
 
 HERE = Path(__file__).resolve().parent
-GROUPS = ("methods", "activations", "fr4", "diagnose")
+GROUPS = ("methods", "activations", "fr2", "fr4", "diagnose")
 LN2 = math.log(2)
 
 
@@ -75,6 +75,8 @@ RUNS: dict[str, tuple[str, dict[str, Any]]] = {
     "int8": ("activations", {"activations": "int8"}),
     "int4": ("activations", {"activations": "int4"}),
     "int2": ("activations", {"activations": "int2"}),
+    "fr-k2-stale-lr": ("fr2", {"method": "fr", "stages": 2, "method_options": {"stale_lr": "inverse"}}),
+    "fr-k2-stale-lr-sqrt": ("fr2", {"method": "fr", "stages": 2, "method_options": {"stale_lr": "sqrt"}}),
     "fr-k4-warmup": ("fr4", {"method": "fr", "stages": 4, "warmup_steps": 100}),
     "fr-k4-stale-lr": ("fr4", {"method": "fr", "stages": 4, "method_options": {"stale_lr": "inverse"}}),
     "fr-k4-clip": ("fr4", {"method": "fr", "stages": 4, "method_options": {"clip_grad_norm": 0.5}}),
@@ -104,7 +106,7 @@ def _commit() -> str:
 
 def _write(args: argparse.Namespace, record: dict[str, Any]) -> None:
     record = {**record, "commit": args.commit, "invocation": args.invocation, "date": time.strftime("%Y-%m-%d %H:%M"),
-              "steps": args.steps, "batch_size": args.batch_size, "context": args.context,
+              "steps": args.steps, "batch_size": args.batch_size, "context": args.context, "seed": args.seed,
               "quick": args.quick, "env": _env(args)}
     print(json.dumps({k: v for k, v in record.items() if k not in ("curve", "env", "stages_detail")}), flush=True)
     if not args.quick:
@@ -122,7 +124,7 @@ def _base(args: argparse.Namespace) -> dict[str, Any]:
     model_options = {"layers": 2, "width": 32} if args.quick else {}
     return dict(model="gpt", model_options=model_options, data="text", data_options={"context": args.context},
                 optimizer="adam", lr=1e-3, weight_decay=0.0, lr_schedule="constant", epochs=1,
-                batch_size=args.batch_size, eval_batch_size=256, seed=0, threads=args.threads,
+                batch_size=args.batch_size, eval_batch_size=256, seed=args.seed, threads=args.threads,
                 device=args.device, progress=False, balance="params",
                 limit_train=args.steps * args.batch_size, limit_test=args.eval_windows)
 
@@ -309,6 +311,9 @@ def main() -> None:
     p.add_argument("--eval-windows", type=int, default=512, help="validation windows of --context characters")
     p.add_argument("--measure-every", type=int, default=50, help="σ and cosine every this many steps")
     p.add_argument("--diagnose-every", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0,
+                   help="initial weights and batch order (the windows stay the same); rows of seeds other than 0 "
+                        "appear only in the report's table across seeds")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="a smoke run: a 2-layer width-32 gpt, 6 steps, "
@@ -348,7 +353,8 @@ def _mib(b: int | None) -> str:
 def report(path: Path) -> None:
     """Markdown tables of the last invocation's rows (per name, the latest row wins)."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    train = {r["name"]: r for r in rows if r["bench"] == "train"}
+    train = {r["name"]: r for r in rows if r["bench"] == "train" and not r.get("seed")}
+    by_seed = {(r["name"], r.get("seed", 0)): r for r in rows if r["bench"] == "train" and "error" not in r}
     bp = train.get("bp")
     if bp is None:
         print("no bp row")
@@ -369,13 +375,21 @@ def report(path: Path) -> None:
 
     head = ("| run (blocks per stage) | val loss | vs bp | val bpc | train loss (last 50) | saved for backward + "
             "buffers | vs bp | step time vs bp | σ / cos (mean) | code |\n|---|---|---|---|---|---|---|---|---|---|")
-    for group in ("methods", "activations", "fr4"):
+    for group in ("methods", "activations", "fr2", "fr4"):
         print(f"\n### {group}\n\n{head}")
         if group != "methods":
             print(line(bp))
         for r in train.values():
             if r["group"] == group:
                 print(line(r))
+    seeds = sorted({seed for _, seed in by_seed})
+    if len(seeds) > 1:
+        names = [n for n in RUNS if all((n, seed) in by_seed for seed in seeds)]
+        print("\n### val loss vs bp of the same seed\n\n| run | " + " | ".join(f"seed {x}" for x in seeds)
+              + " | mean |\n|---" * 1 + "|---" * (len(seeds) + 1) + "|")
+        for n in names:
+            gaps = [by_seed[(n, x)]["val_loss"] - by_seed[("bp", x)]["val_loss"] for x in seeds]
+            print(f"| {n} | " + " | ".join(f"{g:+.3f}" for g in gaps) + f" | {sum(gaps) / len(gaps):+.3f} |")
     acts = [r for r in train.values() if "stored_bytes" in r]
     if acts:
         print("\n| mode | exact | stored | ratio |\n|---|---|---|---|")
