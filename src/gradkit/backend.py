@@ -23,9 +23,10 @@ from torch import nn
 
 from gradkit.compress import Activations
 from gradkit.config import TrainConfig
-from gradkit.data import BatchLoader, Dataset, DatasetInfo, load_dataset
+from gradkit.data import BatchLoader, Dataset, DatasetInfo, data_label, load_dataset
+from gradkit.devices import fork_rng
 from gradkit.direction import measure_direction
-from gradkit.errors import ConfigError
+from gradkit.errors import ConfigError, GradkitError
 from gradkit.memory import MemoryReport, measure_step
 from gradkit.methods import METHODS, Method, build, stage_parallel_class
 from gradkit.models import build_model, model_label
@@ -108,6 +109,32 @@ def build_run_model(config: TrainConfig, info: DatasetInfo, model_args: dict[str
     model = build_model(config.model, info.input_shape, info.num_classes,
                         **{**model_args, **config.model_options})
     return model.to(device)
+
+
+def check_model_reads(model: nn.Module, sample: torch.Tensor, config: TrainConfig) -> None:
+    """One forward of two training examples before anything trains, so a model that cannot read the
+    data (a flat-input ``mlp`` given ``text``'s token ids) fails in one line naming both, not with a
+    traceback from deep inside torch. Eval mode, no autograd, random state forked: the run is unchanged.
+
+    Raises:
+        ConfigError: the model's forward failed on the data's examples.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), fork_rng(sample.device):
+            model(sample[:2])
+    except GradkitError:
+        raise
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(
+            f"model {model_label(config.model)} cannot read the examples of {data_label(config.data)} "
+            f"({str(sample.dtype).replace('torch.', '')}, shape {tuple(sample.shape[1:])}): {reason}; "
+            "choose a model for this data (models: gradkit train --help), or convert the input in your "
+            "model factory") from None
+    finally:
+        model.train(was_training)
 
 
 def check_resume(config: TrainConfig, saved_config: dict[str, Any], folder: RunFolder) -> None:
@@ -257,12 +284,14 @@ class LocalBackend(Backend):
                                        train=False, seed=config.seed, device=self.device)
         self.steps_per_epoch = len(self.train_loader)
         self.model = build_run_model(config, info, dataset.model_args, self.device)
+        first_batch, _ = next(iter(self.train_loader.epoch(0)))  # the order is a function of (seed, epoch)
+        check_model_reads(self.model, first_batch, config)
         if saved:
             self.stage_sizes = list(saved["stage_sizes"])
         else:
             sample = None
             if config.balance == "time" and config.stages > 1 and config.stage_sizes is None:
-                sample, _ = next(iter(self.train_loader.epoch(0)))
+                sample = first_batch
             self.stage_sizes = split_sizes(config, self.model, sample, stage_parallel=False)
         self.method = build(config.method, split(self.model, sizes=self.stage_sizes),
                             optimizer=config.optimizer_config().factory(), **config.method_options)

@@ -116,6 +116,20 @@ def test_bad_options_fail_before_any_worker_starts(args: list[str], message: str
     assert not (tmp_path / "run" / "checkpoint.json").exists()
 
 
+def test_data_the_model_cannot_read_ends_every_rank_in_one_line_and_exit_2(tmp_path: Path) -> None:
+    # Every rank fails at the same moment (the probe forward after building the model): the launcher
+    # must still see their exit codes (workers that all ended between two of its polls were once taken
+    # as a finished run, which then had no metrics.jsonl).
+    done = _gradkit(["train", "--method", "fr", "--stages", "2", "--workers", "2", "--model", "mlp", "--data", "text",
+                     "--limit-train", "32", "--limit-test", "8", "--batch-size", "16", "--epochs", "1",
+                     "--threads", "1", "--no-progress", "--out", str(tmp_path / "run")], timeout=120)
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if "error" in line]
+    assert sorted(line.split(":")[2].strip() for line in errors) == ["rank 0", "rank 1"], done.stderr
+    assert all("model mlp cannot read the examples of text" in line for line in errors)
+    assert "Traceback" not in done.stderr and "run folder" not in done.stderr
+
+
 # -- faults and interrupts -------------------------------------------------------------------------
 LONG = ["--method", "fr", "--stages", "2", "--workers", "2", "--model", "mlp", "--data", "digits",
         "--batch-size", "4", "--lr", "0.01", "--epochs", "3", "--threads", "1", "--no-progress"]

@@ -75,6 +75,25 @@ def test_cli_says_it_in_one_line(model: str, expected: str, tmp_path: object,
     assert expected in err
 
 
+def test_a_model_that_cannot_read_the_data_fails_before_training_in_one_line(
+        tmp_path: object, capsys: pytest.CaptureFixture[str]) -> None:
+    # A flat-input mlp given token ids: torch's "mat1 and mat2 must have the same dtype" used to be a
+    # traceback from the first step; one probe forward now names the model, the data and the dtype.
+    assert main(["-q", "train", "--model", "mlp", "--data", "text", "--limit-train", "32", "--limit-test", "8",
+                 "--batch-size", "16", "--epochs", "1", "--threads", "1", "--no-progress",
+                 "--out", f"{tmp_path}/run"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "model mlp cannot read the examples of text (int64, shape (64,))" in err
+
+    def ten_features(input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
+        return nn.Sequential(nn.Linear(10, num_classes))  # digits are (1, 8, 8): no flatten, 10 != 8
+
+    with pytest.raises(ConfigError, match=r"model .*ten_features cannot read the examples of digits "
+                                          r"\(float32, shape \(1, 8, 8\)\): mat1 and mat2 shapes"):
+        gradkit.train(gradkit.TrainConfig(model=ten_features, data="digits", epochs=1, threads=1, progress=False))
+
+
 # -- (b) ulr with a per-token loss ------------------------------------------------------------------------
 def _flat_per_token(out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """How a user writes a per-token loss: one value per token, flattened, under reduction='none'."""

@@ -19,7 +19,7 @@ from gradkit.data._augment import normalize, random_crop_flip
 from gradkit.data._download import download, fetch
 from gradkit.data._loader import BatchLoader
 from gradkit.data._locate import search_roots
-from gradkit.data._registry import DATASETS, describe_datasets, load_dataset
+from gradkit.data._registry import DATASETS, data_label, describe_datasets, load_dataset
 from gradkit.data._subset import stratified_subset
 from gradkit.data._types import Dataset, DatasetInfo, DatasetStatus
 
@@ -29,6 +29,7 @@ __all__ = [
     "Dataset",
     "DatasetInfo",
     "DatasetStatus",
+    "data_label",
     "describe_datasets",
     "download",
     "fetch",

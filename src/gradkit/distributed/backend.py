@@ -39,6 +39,7 @@ from gradkit.backend import (
     Progress,
     apply_resume_changes,
     build_run_model,
+    check_model_reads,
     check_resume,
     evaluate,
     split_sizes,
@@ -136,6 +137,7 @@ class StageProcessBackend(Backend):
         self.steps_per_epoch = math.ceil(self.num_train / config.batch_size)
 
         self.model = build_run_model(config, setup["info"], setup["model_args"], ctx.device)
+        check_model_reads(self.model, setup["sample"].to(ctx.device), config)
         self.task = setup["info"].task
         self.stage_sizes = setup["stage_sizes"] or self._choose_split(setup["sample"])
         stages = split(self.model, sizes=self.stage_sizes)

@@ -152,6 +152,10 @@ def _launch_locked(config: TrainConfig, workers: int, folder: RunFolder) -> int:
                 p.wait()
         folder.remove_launch_spec()
         shm.cleanup(run_id)
+    if first_failure is None:
+        # Workers that all ended between two polls never went through the loop's check.
+        failed = [(rank, p.returncode) for rank, p in enumerate(procs) if p.returncode not in (0, INTERRUPTED)]
+        first_failure = failed[0] if failed else None
     if first_failure is not None:
         rank, code = first_failure
         if code < 0:
