@@ -212,8 +212,27 @@ def test_fr_double_first_lr_is_opt_in() -> None:
     method = build("fr", gradkit.split(small_model(), 2, balance="count"), optimizer=OptimizerConfig(lr=0.1).factory(),
                    double_first_lr=True)
     assert [opt.param_groups[0]["lr"] for opt in method.optimizers] == [0.2, 0.1]
+    method.set_lr_factor(0.5)  # a schedule's factor
+    assert [opt.param_groups[0]["lr"] for opt in method.optimizers] == [0.1, 0.05]
     plain = build("fr", gradkit.split(small_model(), 2, balance="count"), optimizer=OptimizerConfig(lr=0.1).factory())
     assert [opt.param_groups[0]["lr"] for opt in plain.optimizers] == [0.1, 0.1]
+
+
+def test_a_resume_with_another_lr_keeps_the_stage_scales(tmp_path: object) -> None:
+    # --resume may lower --lr after a divergence: that replaces the base rate of every group, and the
+    # first stage's doubling (double_first_lr) and the stale stages' scales (stale_lr) still apply.
+    from gradkit import TrainConfig
+    from gradkit.backend import apply_resume_changes
+
+    options = {"double_first_lr": True, "stale_lr": "inverse"}
+    method = build("fr", gradkit.split(small_model(), 3, balance="count"), optimizer=OptimizerConfig(lr=0.1).factory(),
+                   **options)
+    saved = TrainConfig(method="fr", stages=3, lr=0.1, method_options=options).to_dict()
+    changes = apply_resume_changes(TrainConfig(method="fr", stages=3, lr=0.01, method_options=options), saved, method)
+    assert changes["lr"] == [0.1, 0.01]
+    method.set_lr_factor(1.0)
+    lrs = [opt.param_groups[0]["lr"] for opt in method.optimizers[:3]]
+    assert lrs == pytest.approx([0.01 * 2 / 3, 0.01 / 2, 0.01])  # stage k: base x (2 if k == 0) / (1 + staleness)
 
 
 def test_bad_options_are_config_errors() -> None:

@@ -171,3 +171,12 @@ class Method(ABC):
             stage.load_state_dict(sd)
         for opt, sd in zip(self.optimizers, state["optimizers"], strict=True):
             opt.load_state_dict(sd)
+
+
+def scale_lr(group: dict[str, Any], scale: float) -> None:
+    """Give a parameter group steps ``scale`` times its base rate (a stale stage's smaller steps, FR's
+    doubled first stage), now and at every :meth:`Method.set_lr_factor`. The base rate stays
+    ``initial_lr``, which is what a ``--resume`` with another ``--lr`` replaces."""
+    group.setdefault("initial_lr", group["lr"])
+    group["lr_scale"] = group.get("lr_scale", 1.0) * scale
+    group["lr"] = group["initial_lr"] * group["lr_scale"]

@@ -13,7 +13,7 @@ from torch import nn
 from gradkit.devices import module_device, move_to
 from gradkit.errors import ConfigError
 from gradkit.memory import tensor_bytes
-from gradkit.methods._base import LossFn, Method
+from gradkit.methods._base import LossFn, Method, scale_lr
 from gradkit.optim import OptimizerFactory
 from gradkit.pipeline.local import Executor, LocalExecutor
 from gradkit.pipeline.schedule import Schedule
@@ -96,7 +96,7 @@ class PipelineMethod(Method):
             pipeline_stage.clip_grad_norm = float(clip_grad_norm)
             scale = stale_lr_scale(stale_lr, self.schedule.first_update(k))
             for group in pipeline_stage.optimizer.param_groups:
-                group["lr_scale"] = group.get("lr_scale", 1.0) * scale
+                scale_lr(group, scale)
             self.pipeline_stages.append(pipeline_stage)
         self.executor: Executor = LocalExecutor(self.schedule, self.pipeline_stages,
                                                 record_timeline=record_timeline)

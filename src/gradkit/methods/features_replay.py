@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from gradkit.errors import ConfigError
-from gradkit.methods._base import LossFn
+from gradkit.methods._base import LossFn, scale_lr
 from gradkit.methods._pipelined import PipelineMethod
 from gradkit.methods._registry import METHODS
 from gradkit.optim import OptimizerFactory
@@ -150,8 +150,10 @@ class FeaturesReplay(PipelineMethod):
         super().__init__(stages, loss_fn=loss_fn, optimizer=optimizer, record_timeline=record_timeline,
                          stale_lr=stale_lr, clip_grad_norm=clip_grad_norm)
         if double_first_lr and len(self.stages) > 1:
+            # A scale of the stage's steps, not a new base rate: a --resume with another --lr (which
+            # sets every group's base rate) keeps the doubling, as it keeps stale_lr's scales.
             for group in self.pipeline_stages[0].optimizer.param_groups:
-                group["lr"] *= 2.0
+                scale_lr(group, 2.0)
 
     @classmethod
     def block_seconds(cls, forward_s: float, backward_s: float, *, last: bool,
