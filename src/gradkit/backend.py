@@ -160,6 +160,8 @@ def apply_resume_changes(config: TrainConfig, saved_config: dict[str, Any], meth
             # The loop sets lr = initial_lr * schedule factor before every step.
             group["initial_lr"] = group["lr"] = settings.lr
             group["weight_decay"] = settings.weight_decay
+            if "stale_momentum" in group:  # -o stale_momentum sets these stages' momentum itself
+                continue
             if "momentum" in group:
                 group["momentum"] = settings.momentum
             if "nesterov" in group:

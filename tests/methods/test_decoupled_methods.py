@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 
 import pytest
 import torch
@@ -233,6 +234,29 @@ def test_a_resume_with_another_lr_keeps_the_stage_scales(tmp_path: object) -> No
     method.set_lr_factor(1.0)
     lrs = [opt.param_groups[0]["lr"] for opt in method.optimizers[:3]]
     assert lrs == pytest.approx([0.01 * 2 / 3, 0.01 / 2, 0.01])  # stage k: base x (2 if k == 0) / (1 + staleness)
+
+
+@pytest.mark.parametrize("name", ["fr", "ddg"])
+def test_stale_momentum_sets_the_momentum_of_the_stale_stages_only(name: str) -> None:
+    adam = build(name, gradkit.split(small_model(), 3, balance="count"), stale_momentum=0.5,
+                 optimizer=OptimizerConfig(name="adam", lr=0.01).factory())
+    assert [opt.param_groups[0]["betas"] for opt in adam.optimizers[:3]] == [(0.5, 0.999), (0.5, 0.999), (0.9, 0.999)]
+    sgd = build(name, gradkit.split(small_model(), 3, balance="count"), stale_momentum=0.0,
+                optimizer=OptimizerConfig(lr=0.1).factory())
+    groups = [opt.param_groups[0] for opt in sgd.optimizers[:3]]
+    assert [(g["momentum"], g["nesterov"]) for g in groups] == [(0.0, False), (0.0, False), (0.9, True)]
+    losses = [sgd.step(x, y) for x, y in batches()]  # torch takes the settings
+    assert all(math.isfinite(v) for v in losses)
+    # A --resume that changes --momentum leaves the stale stages at theirs.
+    from gradkit import TrainConfig
+    from gradkit.backend import apply_resume_changes
+
+    options = {"stale_momentum": 0.0}
+    saved = TrainConfig(method=name, stages=3, method_options=options).to_dict()
+    apply_resume_changes(TrainConfig(method=name, stages=3, momentum=0.5, method_options=options), saved, sgd)
+    assert [g["momentum"] for g in groups] == [0.0, 0.0, 0.5]
+    with pytest.raises(ConfigError, match="stale_momentum must be a number in"):
+        build(name, gradkit.split(small_model(), 2, balance="count"), stale_momentum=1.0)
 
 
 def test_bad_options_are_config_errors() -> None:

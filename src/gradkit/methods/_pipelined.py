@@ -20,12 +20,27 @@ from gradkit.pipeline.schedule import Schedule
 from gradkit.pipeline.shared import SharedUpdate, shared_parameters
 from gradkit.pipeline.stage import PipelineError, PipelineStage
 
-__all__ = ["PipelineMethod", "STALE_LR", "stale_lr_scale"]
+__all__ = ["PipelineMethod", "STALE_LR", "set_stale_momentum", "stale_lr_scale"]
 
 STALE_LR = ("none", "inverse", "sqrt")
 """Staleness-aware step sizes (``-o stale_lr=...``): a stage whose gradients are τ steps old (FR, DDG:
 τ = K-1-k) gets ``lr / (1+τ)`` (``inverse``, Zhang et al., "Staleness-aware Async-SGD", IJCAI 2016) or
 ``lr / sqrt(1+τ)`` (``sqrt``); ``none`` leaves every stage at ``lr``."""
+
+
+def set_stale_momentum(group: dict[str, Any], momentum: float) -> None:
+    """A stale stage's momentum (``-o stale_momentum=m``): Adam's β1 or SGD's momentum set to ``m``.
+
+    Updates computed from τ-step-old gradients already carry momentum of their own (Mitliagkas et al.,
+    "Asynchrony begets momentum", 2016), so stale stages are given less explicit momentum. The value
+    is kept in the group, so a ``--resume`` that changes ``--momentum`` leaves these stages alone."""
+    group["stale_momentum"] = momentum
+    if "betas" in group:
+        group["betas"] = (momentum, group["betas"][1])
+    elif "momentum" in group:
+        group["momentum"] = momentum
+        if momentum == 0:
+            group["nesterov"] = False  # torch's Nesterov step needs momentum > 0
 
 
 def stale_lr_scale(kind: str, staleness: int) -> float:
@@ -77,10 +92,15 @@ class PipelineMethod(Method):
         record_timeline: bool = False,
         stale_lr: str = "none",
         clip_grad_norm: float = 0.0,
+        stale_momentum: float | None = None,
     ) -> None:
         super().__init__(stages, loss_fn=loss_fn, optimizer=optimizer)
         if stale_lr not in STALE_LR:
             raise ConfigError(f"unknown stale_lr {stale_lr!r}; choose one of: {', '.join(STALE_LR)}")
+        if stale_momentum is not None and (isinstance(stale_momentum, bool) or not isinstance(
+                stale_momentum, (int, float)) or not 0 <= stale_momentum < 1):
+            raise ConfigError(f"stale_momentum must be a number in [0, 1) (Adam's beta1 or SGD's momentum of "
+                              f"stages with stale gradients), got {stale_momentum!r}")
         if isinstance(clip_grad_norm, bool) or not isinstance(clip_grad_norm, (int, float)) or not (
                 math.isfinite(clip_grad_norm) and clip_grad_norm >= 0):
             raise ConfigError(f"clip_grad_norm must be a number >= 0 (0: no clipping), got {clip_grad_norm!r}")
@@ -94,9 +114,11 @@ class PipelineMethod(Method):
             pipeline_stage = self.make_stage(k, stage, self._stage_optimizer(params))
             pipeline_stage.observers = self.update_observers
             pipeline_stage.clip_grad_norm = float(clip_grad_norm)
-            scale = stale_lr_scale(stale_lr, self.schedule.first_update(k))
+            staleness = self.schedule.first_update(k)
             for group in pipeline_stage.optimizer.param_groups:
-                scale_lr(group, scale)
+                scale_lr(group, stale_lr_scale(stale_lr, staleness))
+                if stale_momentum is not None and staleness > 0:
+                    set_stale_momentum(group, float(stale_momentum))
             self.pipeline_stages.append(pipeline_stage)
         self.executor: Executor = LocalExecutor(self.schedule, self.pipeline_stages,
                                                 record_timeline=record_timeline)

@@ -154,6 +154,7 @@ class DelayedGradients(PipelineMethod):
         stale_lr: ``none``, ``inverse`` or ``sqrt``: smaller steps for stages with older gradients
             (see :class:`~gradkit.methods.features_replay.FeaturesReplay`).
         clip_grad_norm: clip each stage's gradient to this norm before its update (0: off).
+        stale_momentum: Adam's β1 (SGD's momentum) for the stages whose gradients are stale.
     """
 
     name = "ddg"

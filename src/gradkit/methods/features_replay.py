@@ -122,6 +122,8 @@ class FeaturesReplay(PipelineMethod):
         stale_lr: ``none``, ``inverse`` or ``sqrt``: stage k's learning rate divided by ``1+τ`` or
             ``sqrt(1+τ)``, τ = K-1-k the age of its gradients (:data:`gradkit.methods._pipelined.STALE_LR`).
         clip_grad_norm: clip each stage's gradient to this norm before its update (0: off).
+        stale_momentum: Adam's β1 (SGD's momentum) for the stages whose gradients are stale (all but
+            the last); default: the optimizer's (:func:`gradkit.methods._pipelined.set_stale_momentum`).
 
     Example:
         >>> method = gradkit.methods.build("fr", gradkit.split(model, 3), optimizer=factory)
@@ -143,12 +145,13 @@ class FeaturesReplay(PipelineMethod):
         record_timeline: bool = False,
         stale_lr: str = "none",
         clip_grad_norm: float = 0.0,
+        stale_momentum: float | None = None,
     ) -> None:
         if bn_policy not in BN_POLICIES:
             raise ConfigError(f"unknown bn_policy {bn_policy!r}; choose one of: {', '.join(BN_POLICIES)}")
         self.bn_policy = bn_policy
         super().__init__(stages, loss_fn=loss_fn, optimizer=optimizer, record_timeline=record_timeline,
-                         stale_lr=stale_lr, clip_grad_norm=clip_grad_norm)
+                         stale_lr=stale_lr, clip_grad_norm=clip_grad_norm, stale_momentum=stale_momentum)
         if double_first_lr and len(self.stages) > 1:
             # A scale of the stage's steps, not a new base rate: a --resume with another --lr (which
             # sets every group's base rate) keeps the doubling, as it keeps stale_lr's scales.
