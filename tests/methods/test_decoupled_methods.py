@@ -219,7 +219,7 @@ def test_fr_double_first_lr_is_opt_in() -> None:
     assert [opt.param_groups[0]["lr"] for opt in plain.optimizers] == [0.1, 0.1]
 
 
-def test_a_resume_with_another_lr_keeps_the_stage_scales(tmp_path: object) -> None:
+def test_a_resume_with_another_lr_keeps_the_stage_scales() -> None:
     # --resume may lower --lr after a divergence: that replaces the base rate of every group, and the
     # first stage's doubling (double_first_lr) and the stale stages' scales (stale_lr) still apply.
     from gradkit import TrainConfig
