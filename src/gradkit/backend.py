@@ -270,9 +270,7 @@ class LocalBackend(Backend):
     def __init__(self, config: TrainConfig, dataset: Dataset | None = None) -> None:
         self.config = config
         self.folder = RunFolder(config.out) if config.out is not None else None
-        self.device = resolve_device(config.device)
-        if config.threads is not None:
-            torch.set_num_threads(config.threads)
+        self.device = resolve_device(config.device)  # --threads: gradkit.train sets it for the run's length
         saved = self._saved_state()
         if dataset is None:
             dataset = load_dataset(config.data, config.data_dir, download=config.download,

@@ -137,7 +137,8 @@ class StageProcessBackend(Backend):
         self.steps_per_epoch = math.ceil(self.num_train / config.batch_size)
 
         self.model = build_run_model(config, setup["info"], setup["model_args"], ctx.device)
-        check_model_reads(self.model, setup["sample"].to(ctx.device), config)
+        sample = setup["sample"].to(ctx.device)
+        check_model_reads(self.model, sample, config)
         self.task = setup["info"].task
         self.stage_sizes = setup["stage_sizes"] or self._choose_split(setup["sample"])
         stages = split(self.model, sizes=self.stage_sizes)
@@ -148,7 +149,7 @@ class StageProcessBackend(Backend):
         self.method: PipelineMethod = method
         self.activations = Activations(self.model, config.activations, group_size=config.activation_group_size,
                                        attention_bits=config.attention_bits)
-        self.method.prepare(setup["sample"].to(ctx.device))
+        self.method.prepare(sample)
         self.shared_memory = ctx.shared_memory()
         self.executor = DistributedExecutor(self.method.schedule, self.method.pipeline_stages[self.rank],
                                             ctx.groups, ctx.device, shared_memory=self.shared_memory,
