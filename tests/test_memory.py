@@ -154,3 +154,33 @@ def test_max_batch_command_searches_per_mode_and_reports_json(monkeypatch, capsy
     assert [r["mode"] for r in rows] == ["exact", "int4"]
     assert all(r["max_batch"] == 102 and r["peak_bytes"] == 102_000 for r in rows)
     assert sizes[:5] == [8, 16, 32, 64, 128]
+
+
+def test_max_batch_tries_real_token_batches_on_a_language_model(monkeypatch, capsys, tmp_path) -> None:  # noqa: ANN001
+    """--max-batch on gpt + text tries batches of the data's integer token ids with per-token targets
+    (random floats would fail in the embedding), repeating the loaded examples to each size."""
+    import json
+
+    from gradkit.cli import main
+    from gradkit.cli import memory as memory_cli
+    text = tmp_path / "t.txt"
+    text.write_text("abcdefgh " * 200, encoding="utf-8")
+    tried: list[tuple[int, torch.dtype, tuple[int, ...]]] = []
+
+    def cpu_peak(model, x, y, mode, precision, options, stats):  # noqa: ANN001, ANN202
+        tried.append((int(x.shape[0]), x.dtype, tuple(y.shape)))
+        # The real step runs (an embedding lookup fails on floats); its peak is faked: 1000 B a sample.
+        memory_cli._step(model, x, y, mode, precision, options)
+        return int(x.shape[0]) * 1000
+
+    monkeypatch.setattr(memory_cli, "_is_cuda", lambda device: True)
+    monkeypatch.setattr(memory_cli, "_peak", cpu_peak)
+    monkeypatch.setattr(memory_cli, "CudaMemoryStats", lambda device: None)
+    monkeypatch.setattr(memory_cli.torch.cuda, "empty_cache", lambda: None)
+    assert main(["memory", "--model", "gpt", "--model-option", "layers=1", "--model-option", "width=16",
+                 "--model-option", "heads=2", "--data", "text", "--data-option", f"path={text}",
+                 "--data-option", "context=8", "--batch-size", "4", "--activations", "int4", "--max-batch",
+                 "--budget-mb", str(20_000 / 2**20), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["max_batch"] == 20
+    assert tried[0] == (4, torch.int64, (4, 8)) and all(d == torch.int64 and y == (b, 8) for b, d, y in tried)

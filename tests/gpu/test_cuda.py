@@ -101,3 +101,15 @@ def test_memory_on_cuda_reports_the_peak_and_finds_the_largest_batch(capsys) -> 
         assert r["max_batch"] >= 32 and r["peak_bytes"] <= 64 * 2**20
         # The search ended on a batch that did not fit (over budget or out of memory) just above it.
         assert any(b == r["max_batch"] + 1 and peak is None for b, peak in r["tried"]) or r["max_batch"] >= 2**20
+
+
+def test_max_batch_on_cuda_runs_a_language_model_on_its_token_batches(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over a lazy dog " * 100, encoding="utf-8")
+    assert main(["memory", "--model", "gpt", "--model-option", "layers=2", "--model-option", "width=32",
+                 "--data", "text", "--data-option", f"path={text}", "--data-option", "context=32",
+                 "--batch-size", "8", "--device", "cuda", "--activations", "exact,int2", "--max-batch",
+                 "--budget-mb", "32", "--json"]) == 0
+    exact, int2 = json.loads(capsys.readouterr().out)
+    assert exact["max_batch"] >= 8 and exact["peak_bytes"] <= 32 * 2**20
+    assert int2["max_batch"] >= exact["max_batch"]  # fewer bytes kept: at least as large a batch fits

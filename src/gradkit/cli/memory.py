@@ -31,7 +31,8 @@ With --precision bf16 the step runs under bf16 autocast, so exact_bytes are bf16
 an element) and ratios are against them. With --device cuda the step's measured peak is reported too
 (torch.cuda.max_memory_allocated during the step less what was allocated before it: the model and the
 batch). --max-batch (CUDA only) finds, per mode, the largest batch whose step fits in --budget-mb (or
-in the GPU) by doubling then bisection, on random inputs of DATA's shape (the BLPA paper's Table 2).
+in the GPU) by doubling then bisection, on the first --batch-size training examples of DATA repeated to each
+size tried (the BLPA paper's Table 2).
 
 example:
   gradkit memory --model resnet20 --data cifar10 --batch-size 128 --activations int4 --json
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         options["attention_bits"] = args.attention_bits
     precision = Precision(args.precision, device)
     if args.max_batch:
-        return _max_batch(args, model, info.input_shape, info.num_classes, precision, options, device)
+        return _max_batch(args, model, x, y, precision, options, device)
     with precision.context():
         exact_bytes = measure_activations(model, x, y, "exact").exact_bytes  # once, shared by all modes
         results = [measure_activations(model, x, y, mode, exact_bytes=exact_bytes,
@@ -171,20 +172,27 @@ def _peak(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str, precisi
     return step_peak_bytes(lambda: _step(trained, x, y, mode, precision, options), stats)
 
 
-def _max_batch(args: argparse.Namespace, model: nn.Module, input_shape: tuple[int, ...], num_classes: int,
+def tiled_batch(x: torch.Tensor, y: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of ``size`` examples made by repeating the examples of ``(x, y)`` in order: real
+    inputs of the data's dtype and label layout (token ids, per-token targets), at any size."""
+    index = torch.arange(size, device=x.device) % x.shape[0]
+    return x[index], y[index]
+
+
+def _max_batch(args: argparse.Namespace, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                precision: Precision, options: dict[str, object], device: torch.device) -> int:
     budget = int(args.budget_mb * 2**20) if args.budget_mb is not None else None
     stats = CudaMemoryStats(device)
     rows = []
     for mode in args.activations:
         def trial(b: int, mode: str = mode) -> int:
-            g = torch.Generator(device=device).manual_seed(args.seed)
-            x = torch.rand(b, *input_shape, generator=g, device=device)
-            y = torch.randint(0, num_classes, (b,), generator=g, device=device)
+            # The loaded batch repeated, not random floats: token models need integer ids, and
+            # the labels keep the data's layout (one per sample or one per position).
+            xb, yb = tiled_batch(x, y, b)
             try:
-                return _peak(model, x, y, mode, precision, options, stats)
+                return _peak(model, xb, yb, mode, precision, options, stats)
             finally:
-                del x, y
+                del xb, yb
                 torch.cuda.empty_cache()
 
         found = largest_batch(trial, budget, start=args.batch_size)
@@ -195,7 +203,8 @@ def _max_batch(args: argparse.Namespace, model: nn.Module, input_shape: tuple[in
         print(json.dumps(rows[0] if len(rows) == 1 else rows, indent=2))
         return 0
     limit = format_bytes(budget) if budget is not None else "the GPU's memory"
-    print(f"{args.model}, random {args.data}-shaped batches, {args.precision}: largest batch whose step peak fits {limit}")
+    print(f"{args.model} on {args.data} (its first {x.shape[0]} training examples, repeated), {args.precision}: "
+          f"largest batch whose step peak fits {limit}")
     print(format_table(("activations", "max batch", "step peak"),
                        [(r["mode"], str(r["max_batch"]), format_bytes(r["peak_bytes"])) for r in rows]))
     return 0
