@@ -38,6 +38,11 @@ class ActivationMemory:
                 "ratio": round(self.ratio, 3)}
 
 
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or a copy if it is a view into a larger storage (saved-tensor hooks count storages)."""
+    return t.clone() if t.untyped_storage().nbytes() > t.numel() * t.element_size() else t
+
+
 def _saved(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str,
            loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
            options: dict[str, object]) -> list[SavedRecord]:
@@ -66,7 +71,9 @@ def measure_activations(
 
     Both are counted by the same hooks, so the ratio compares like with like: parameters and buffers
     are excluded, a storage saved by several operations counts once, and the input batch (kept: the
-    caller holds it) counts in both. ``model(x)`` must return what ``loss_fn`` scores (logits, for the
+    caller holds it) counts in both, at its own size: a batch that is a slice of a larger tensor (a
+    dataset's first rows) is copied first, as a data loader's batch would be, so the rest of that
+    tensor's storage is not counted. ``model(x)`` must return what ``loss_fn`` scores (logits, for the
     default per-example or per-token cross-entropy).
 
     Raises:
@@ -74,6 +81,7 @@ def measure_activations(
             not fit the default loss.
     """
     require_one_input(model, "measure_activations")
+    x, y = _compact(x), _compact(y)
     if mode == "exact" or exact_bytes is None:
         exact = _saved(copy.deepcopy(model), x, y, "exact", loss_fn, {})
         exact_bytes = sum(r.exact_bytes for r in exact)
