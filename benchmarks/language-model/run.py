@@ -11,8 +11,10 @@ and its ratio to bp/exact measured in the same invocation, σ and the cosine of 
 
 Groups (``--groups``, comma-separated; default: all):
 
-  methods      bp, fr K=2, fr K=4, ddg K=2, dni K=2, ulr hybrid K=2 (noise at the stage boundary)
+  methods      bp, fr K=2, fr K=4, ddg K=2, dni K=2 (default, and the paper's: every synthetic δ
+               applied), ulr hybrid K=2 (noise at the stage boundary)
   activations  bp with int8 / int4 / int2 activations (exact is the bp row)
+  fr2          fr K=2 with staleness-aware step sizes and less momentum on the stale stage
   fr4          fr K=4 with the literature's remedies: lr warm-up, staleness-aware step sizes,
                per-stage gradient clipping, and the tie of embedding and head broken
   diagnose     fr K=2 and K=4 driven step by step: per stage, the cosine of the gradient it applies
@@ -70,7 +72,7 @@ RUNS: dict[str, tuple[str, dict[str, Any]]] = {
     "fr-k4": ("methods", {"method": "fr", "stages": 4}),
     "ddg-k2": ("methods", {"method": "ddg", "stages": 2}),
     "dni-k2": ("methods", {"method": "dni", "stages": 2}),
-    "dni-k2-min-cosine": ("methods", {"method": "dni", "stages": 2, "method_options": {"min_cosine": 0.1}}),
+    "dni-k2-paper": ("methods", {"method": "dni", "stages": 2, "method_options": {"min_cosine": -1.0}}),
     "ulr-hybrid-k2": ("methods", {"method": "ulr", "stages": 2, "method_options": {"copies": 16}}),
     "int8": ("activations", {"activations": "int8"}),
     "int4": ("activations", {"activations": "int4"}),

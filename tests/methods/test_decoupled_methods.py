@@ -152,6 +152,41 @@ def test_dni_min_cosine_applies_a_synthesizer_once_it_agrees_with_the_true_delta
     assert first.synthetic_updates["applied"] >= 4 and first.synthetic_updates["skipped"] == 0
 
 
+def test_dni_default_min_cosine_guards_sequence_boundaries_only() -> None:
+    """By default a sequence boundary (a language model's (N, T, C)) gates on agreement 0.1 and any
+    other keeps the paper's rule (-1): the default runs equal the runs with those values given."""
+    from gradkit.methods.synthetic_gradients import SEQUENCE_MIN_COSINE
+    from gradkit.models import build_model
+
+    def gpt_run(**options: object) -> tuple[nn.Module, list]:
+        torch.manual_seed(0)
+        model = build_model("gpt", (8,), 12, layers=2, width=16, heads=2)
+        method = build("dni", gradkit.split(model, 2, balance="count"),
+                       optimizer=OptimizerConfig(name="adam", lr=1e-2).factory(), **options)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(6):
+            x = torch.randint(0, 12, (8, 8), generator=g)
+            method.step(x, (x + 1) % 12)
+        return model, method.synthetic_update_counts()
+
+    default_model, default_counts = gpt_run()
+    guarded_model, guarded_counts = gpt_run(min_cosine=SEQUENCE_MIN_COSINE)
+    paper_model, _ = gpt_run(min_cosine=-1.0)
+    assert same_weights(default_model, guarded_model) and default_counts == guarded_counts
+    assert default_counts[0]["min_cosine"] == 0.1 and default_counts[0]["skipped"] >= 2
+    assert not same_weights(default_model, paper_model)
+
+    def mlp_run(**options: object) -> nn.Module:
+        model = small_model()
+        method = build("dni", gradkit.split(model, 2, balance="count"), **options)
+        for x, y in batches(4):
+            method.step(x, y)
+        assert [c["min_cosine"] for c in method.synthetic_update_counts()] == [-1.0]
+        return model
+
+    assert same_weights(mlp_run(), mlp_run(min_cosine=-1.0))
+
+
 def test_dni_min_cosine_out_of_range_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="min_cosine"):
         build("dni", gradkit.split(small_model(), 2, balance="count"), min_cosine=1.5)

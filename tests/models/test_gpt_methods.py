@@ -48,7 +48,8 @@ def _moved_blocks(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> se
     ("name", "stages", "options"),
     [
         ("bp", 1, {}), ("bp", 2, {}), ("fr", 2, {}), ("ddg", 2, {}),
-        ("dni", 2, {}), ("dni", 2, {"conditioned": True}),
+        # The paper's rule (every synthetic δ applied): the default guard would keep the lower stage still.
+        ("dni", 2, {"min_cosine": -1.0}), ("dni", 2, {"conditioned": True, "min_cosine": -1.0}),
         ("ulr", 1, {"copies": 4}), ("ulr", 2, {"copies": 4}),
         ("es", 1, {}), ("spsa", 1, {}), ("forward-grad", 1, {}),
     ],

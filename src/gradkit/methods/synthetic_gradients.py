@@ -27,10 +27,18 @@ from gradkit.pipeline.batchnorm import frozen_running_stats
 from gradkit.pipeline.schedule import DATA, DELTA, LABEL, Action, Op, Schedule
 from gradkit.pipeline.stage import PipelineError, PipelineStage
 
-__all__ = ["SyntheticGradients", "Synthesizer", "SyntheticGradientSchedule", "SyntheticGradientStage"]
+__all__ = ["SEQUENCE_MIN_COSINE", "SyntheticGradients", "Synthesizer", "SyntheticGradientSchedule",
+           "SyntheticGradientStage"]
 
 AGREEMENT_WEIGHT = 0.1
 """Weight of the newest fit in a stage's ``agreement`` (about the last 10 batches count)."""
+
+SEQUENCE_MIN_COSINE = 0.1
+"""``min_cosine`` by default at a sequence boundary ``(N, T, C)``. A language model's δ at a position
+depends on the next token and, through attention, on later positions, which the per-position
+synthesizer does not see: on the 4-layer gpt it agreed 0.00-0.03 with the true δ, and applying its
+predictions left the model at the unigram loss (issue 14; ``benchmarks/language-model``). Other
+boundaries default to -1, the paper's rule (there synthesizers agree little too, 0.02-0.06, yet train)."""
 
 
 class Synthesizer(nn.Module):
@@ -176,11 +184,14 @@ class SyntheticGradientStage(PipelineStage):
         """Exponential average of the cosine between the synthesizer's prediction for a batch (made
         before fitting on it) and that batch's true δ: how far its synthetic δ can be trusted."""
         self.synthetic_updates = {"applied": 0, "skipped": 0}
-        """Synthetic updates made, and skipped because ``agreement`` was below the method's
-        ``min_cosine``."""
+        """Synthetic updates made, and skipped because ``agreement`` was below ``min_cosine``."""
+        self.min_cosine = -1.0 if method.min_cosine is None else method.min_cosine
+        """The agreement below which this stage keeps its weights (set with its synthesizer)."""
 
     def build_synthesizer(self, shape: Sequence[int], num_classes: int) -> None:
         self.synthesizer = Synthesizer(shape, num_classes, self.method.synthesizer_hidden)
+        if self.method.min_cosine is None:
+            self.min_cosine = SEQUENCE_MIN_COSINE if self.synthesizer.sequence else -1.0
         device = next((p.device for p in self.module.parameters()), torch.device("cpu"))
         self.synthesizer.to(device)
         self.synth_optimizer = self.method.optimizer_factory(list(self.synthesizer.parameters()))
@@ -221,7 +232,7 @@ class SyntheticGradientStage(PipelineStage):
             mix = self.method.mix_at(batch)
             delta = true_delta if mix == 1.0 else mix * true_delta + (1.0 - mix) * delta
         self.optimizer.zero_grad(set_to_none=True)
-        if true_delta is None and self.method.min_cosine > -1.0 and float(self.agreement) < self.method.min_cosine:
+        if true_delta is None and self.min_cosine > -1.0 and float(self.agreement) < self.min_cosine:
             # Not trusted: the weights keep their values (no .grad, so the update skips them, shared
             # ones included), but δ still goes down, so the stage below keeps fitting its synthesizer.
             self.synthetic_updates["skipped"] += 1
@@ -305,10 +316,11 @@ class SyntheticGradients(PipelineMethod):
         synthesizer_hidden: hidden width of the synthesizers (default: the stage output's width).
         min_cosine: update a stage with its synthetic δ only while its synthesizer's recent
             predictions have at least this cosine with the true δ (an exponential average over the
-            fits, starting at 0); below it the stage keeps its weights that step. -1 (the default)
-            applies every prediction, as in the paper. A synthesizer that cannot predict δ (a
-            language model's, whose δ depends on the next token) otherwise drives the stage with
-            its bias alone, and under Adam that bias gets full-sized steps.
+            fits, starting at 0); below it the stage keeps its weights that step. -1 applies every
+            prediction, as in the paper. Default (None): :data:`SEQUENCE_MIN_COSINE` at sequence
+            boundaries ``(N, T, C)``, -1 elsewhere. A synthesizer that cannot predict δ (a language
+            model's, whose δ depends on the next token) otherwise drives the stage with its bias
+            alone, and under Adam that bias gets full-sized steps.
         record_timeline: keep every executed action in ``executor.timeline``.
     """
 
@@ -325,7 +337,7 @@ class SyntheticGradients(PipelineMethod):
         true_gradient_mix: float = 0.0,
         synthesizer_lr: float | None = None,
         synthesizer_hidden: int | None = None,
-        min_cosine: float = -1.0,
+        min_cosine: float | None = None,
         record_timeline: bool = False,
     ) -> None:
         if not 0.0 <= true_gradient_mix <= 1.0:
@@ -334,14 +346,14 @@ class SyntheticGradients(PipelineMethod):
             raise ConfigError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if synthesizer_hidden is not None and synthesizer_hidden < 1:
             raise ConfigError(f"synthesizer_hidden must be a positive width, got {synthesizer_hidden}")
-        if not -1.0 <= min_cosine <= 1.0:
+        if min_cosine is not None and not -1.0 <= min_cosine <= 1.0:
             raise ConfigError(f"min_cosine must be in [-1, 1] (-1: apply every synthetic δ), got {min_cosine}")
         self.conditioned = bool(conditioned)
         self.warmup_steps = int(warmup_steps)
         self.true_gradient_mix = float(true_gradient_mix)
         self.synthesizer_lr = synthesizer_lr
         self.synthesizer_hidden = synthesizer_hidden
-        self.min_cosine = float(min_cosine)
+        self.min_cosine = None if min_cosine is None else float(min_cosine)
         super().__init__(stages, loss_fn=loss_fn, optimizer=optimizer, record_timeline=record_timeline)
 
     @classmethod
@@ -366,8 +378,8 @@ class SyntheticGradients(PipelineMethod):
 
     def synthetic_update_counts(self) -> list[dict[str, float]]:
         """Per stage below the last that this process holds: synthetic updates applied and skipped
-        (``min_cosine``) and the synthesizer's current agreement with the true δ."""
-        return [{**s.synthetic_updates, "agreement": round(float(s.agreement), 4)}
+        (below its ``min_cosine``, also given) and the synthesizer's current agreement with the true δ."""
+        return [{**s.synthetic_updates, "agreement": round(float(s.agreement), 4), "min_cosine": s.min_cosine}
                 for s in self.pipeline_stages if isinstance(s, SyntheticGradientStage) and not s.is_last]
 
     def mix_at(self, batch: int) -> float:
