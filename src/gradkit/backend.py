@@ -362,7 +362,8 @@ class LocalBackend(Backend):
         return evaluate(self.method, self.test_loader)
 
     def record_extras(self) -> dict[str, Any]:
-        return {"activation_bytes": self.activation_bytes, "stage_memory": self.stage_memory}
+        return {"activation_bytes": self.activation_bytes, "stage_memory": self.stage_memory,
+                **self.method.epoch_metrics()}
 
     def checkpoint(self) -> Path | None:
         if self.folder is None:

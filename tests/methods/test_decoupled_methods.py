@@ -400,3 +400,21 @@ def test_bad_stale_lr_and_clip_are_config_errors() -> None:
         build("fr", stages, stale_lr="half")
     with pytest.raises(ConfigError, match="clip_grad_norm must be a number >= 0"):
         build("ddg", stages, clip_grad_norm=-1.0)
+
+
+def test_dni_epoch_records_show_its_synthetic_updates(tmp_path) -> None:  # noqa: ANN001
+    """metrics.jsonl says how many synthetic updates each stage applied or skipped, so a lower stage
+    that the default guard keeps still (a language model's) is visible from the command line."""
+    import json
+
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over a lazy dog " * 40, encoding="utf-8")
+    gradkit.train(gradkit.TrainConfig(
+        method="dni", stages=2, model="gpt", model_options={"layers": 2, "width": 16, "heads": 2},
+        data="text", data_options={"path": str(text), "context": 8}, limit_train=64, limit_test=16,
+        batch_size=16, epochs=2, optimizer="adam", lr=1e-2, threads=1, progress=False, out=str(tmp_path / "run")))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for epoch, record in enumerate(records, start=1):
+        (lower,) = record["synthetic_updates"]
+        assert lower["applied"] + lower["skipped"] == 4 * epoch  # 64 windows in batches of 16, counted so far
+        assert lower["min_cosine"] == 0.1 and -1.0 <= lower["agreement"] <= 1.0

@@ -82,6 +82,10 @@ class Method(ABC):
         """Bytes held in in-flight buffers between steps (0 for backprop)."""
         return 0
 
+    def epoch_metrics(self) -> dict[str, Any]:
+        """Method-specific figures for each epoch's record in ``metrics.jsonl`` (one process)."""
+        return {}
+
     def stage_buffers(self) -> list[dict[str, list[torch.Tensor]]]:
         """Per stage, the tensors held between steps by category (FIFO, stashed graphs, ...)."""
         return [{} for _ in self.stages]

@@ -382,6 +382,10 @@ class SyntheticGradients(PipelineMethod):
         return [{**s.synthetic_updates, "agreement": round(float(s.agreement), 4), "min_cosine": s.min_cosine}
                 for s in self.pipeline_stages if isinstance(s, SyntheticGradientStage) and not s.is_last]
 
+    def epoch_metrics(self) -> dict[str, Any]:
+        # A stage held still by min_cosine (the default at a language model's boundaries) shows here.
+        return {"synthetic_updates": self.synthetic_update_counts()}
+
     def mix_at(self, batch: int) -> float:
         """Weight of the true δ for ``batch``: 1 during the warm-up, then ``true_gradient_mix``."""
         return 1.0 if batch < self.warmup_steps else self.true_gradient_mix
