@@ -243,7 +243,7 @@ class Backend(ABC):
         return record
 
     def record_extras(self) -> dict[str, Any]:
-        """Keys added to every epoch record after the common ones."""
+        """Keys added to every epoch record after the common ones (called in every process)."""
         return {}
 
     @abstractmethod

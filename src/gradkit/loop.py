@@ -149,6 +149,7 @@ class Trainer:
         eval_start = time.perf_counter()
         scores = b.evaluate()
         tally = b.shared_tally(p.tally)
+        extras = b.record_extras()  # in every process: a backend may gather them from all
         record = None
         if scores is not None:
             test_loss, test_acc = scores
@@ -159,7 +160,7 @@ class Trainer:
             )
             if b.task == "next-token":  # the per-token loss in bits: bits per character for text
                 record["test_bpc"] = test_loss / math.log(2)
-            record.update(b.record_extras())
+            record.update(extras)
             if self.config.measure_direction is not None:
                 record.update(tally.direction_summary())
             if p.changes:

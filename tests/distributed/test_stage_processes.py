@@ -49,6 +49,8 @@ def _assert_same_run(a: Path, b: Path) -> None:
     ha, hb = _history(a), _history(b)
     assert [r["train_loss"] for r in ha] == [r["train_loss"] for r in hb]
     assert [r["test_acc"] for r in ha] == [r["test_acc"] for r in hb]
+    # dni's per-stage counts of synthetic updates: gathered from the workers, the same as in one process.
+    assert [r.get("synthetic_updates") for r in ha] == [r.get("synthetic_updates") for r in hb]
     wa, wb = _weights(a), _weights(b)
     assert wa.keys() == wb.keys()
     for key in wa:

@@ -415,6 +415,7 @@ def test_dni_epoch_records_show_its_synthetic_updates(tmp_path) -> None:  # noqa
         batch_size=16, epochs=2, optimizer="adam", lr=1e-2, threads=1, progress=False, out=str(tmp_path / "run")))
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     for epoch, record in enumerate(records, start=1):
-        (lower,) = record["synthetic_updates"]
+        lower, last = record["synthetic_updates"]
+        assert last is None  # the last stage has the true δ, no synthesizer
         assert lower["applied"] + lower["skipped"] == 4 * epoch  # 64 windows in batches of 16, counted so far
         assert lower["min_cosine"] == 0.1 and -1.0 <= lower["agreement"] <= 1.0

@@ -285,7 +285,14 @@ class StageProcessBackend(Backend):
 
     def record_extras(self) -> dict[str, Any]:
         # Activation memory is measured in one process only (gradkit.memory.measure_step).
-        return {"activation_bytes": None, "stage_memory": None, "workers": self.ctx.world_size}
+        extras: dict[str, Any] = {"activation_bytes": None, "stage_memory": None, "workers": self.ctx.world_size}
+        # The method's figures are lists with one entry per stage: rank r holds stage r, so entry r
+        # comes from rank r, and the joined list is the one a single process reports.
+        per_rank: list[Any] = [None] * self.ctx.world_size
+        dist.all_gather_object(per_rank, self.method.epoch_metrics(), group=self.ctx.control)
+        for key in per_rank[0]:
+            extras[key] = [metrics[key][rank] for rank, metrics in enumerate(per_rank)]
+        return extras
 
     def checkpoint(self) -> Path:
         """All ranks: drain messages, save shards, then rank 0 commits the manifest."""

@@ -83,7 +83,8 @@ class Method(ABC):
         return 0
 
     def epoch_metrics(self) -> dict[str, Any]:
-        """Method-specific figures for each epoch's record in ``metrics.jsonl`` (one process)."""
+        """Method-specific figures for each epoch's record in ``metrics.jsonl``: each a list with one
+        entry per stage, in stage order (with one process per stage, each fills its own entry)."""
         return {}
 
     def stage_buffers(self) -> list[dict[str, list[torch.Tensor]]]:

@@ -300,6 +300,10 @@ class SyntheticGradientStage(PipelineStage):
         self.current = None
 
 
+def _counts(stage: SyntheticGradientStage) -> dict[str, Any]:
+    return {**stage.synthetic_updates, "agreement": round(float(stage.agreement), 4), "min_cosine": stage.min_cosine}
+
+
 @METHODS.register("dni", help="synthetic gradients at every stage boundary (Jaderberg et al. 2017)")
 class SyntheticGradients(PipelineMethod):
     """DNI / cDNI over K stages.
@@ -379,12 +383,12 @@ class SyntheticGradients(PipelineMethod):
     def synthetic_update_counts(self) -> list[dict[str, float]]:
         """Per stage below the last that this process holds: synthetic updates applied and skipped
         (below its ``min_cosine``, also given) and the synthesizer's current agreement with the true δ."""
-        return [{**s.synthetic_updates, "agreement": round(float(s.agreement), 4), "min_cosine": s.min_cosine}
-                for s in self.pipeline_stages if isinstance(s, SyntheticGradientStage) and not s.is_last]
+        return [_counts(s) for s in self.pipeline_stages if isinstance(s, SyntheticGradientStage) and not s.is_last]
 
     def epoch_metrics(self) -> dict[str, Any]:
         # A stage held still by min_cosine (the default at a language model's boundaries) shows here.
-        return {"synthetic_updates": self.synthetic_update_counts()}
+        return {"synthetic_updates": [None if s.is_last else _counts(s) for s in self.pipeline_stages
+                                      if isinstance(s, SyntheticGradientStage)]}
 
     def mix_at(self, batch: int) -> float:
         """Weight of the true δ for ``batch``: 1 during the warm-up, then ``true_gradient_mix``."""
