@@ -42,6 +42,8 @@ class CompareRow:
     run_dir: Path | None
     status: str = "ok"
     """``ok``, or ``diverged at epoch E`` when the loss became NaN (the other methods still run)."""
+    test_bpc: float | None = None
+    """Bits per character of a language model (``next-token`` data), else None."""
 
 
 def compare(
@@ -139,6 +141,7 @@ def _row(method: str, history: list[dict[str, Any]], run_dir: Path | None) -> Co
         samples_per_second=statistics.median(h["samples_per_second"] for h in history),
         activation_bytes=final.get("activation_bytes"),
         run_dir=run_dir,
+        test_bpc=final.get("test_bpc"),
     )
 
 
@@ -149,13 +152,18 @@ def _diverged_row(method: str, run_dir: Path | None, exc: TrainingDiverged) -> C
 
 
 def format_comparison(rows: Sequence[CompareRow]) -> str:
-    """The comparison as a plain-text table."""
+    """The comparison as a plain-text table: test accuracy, or for language models (rows with
+    ``test_bpc``) the per-token test loss and bits per character."""
+    text = any(r.test_bpc is not None for r in rows)
     return format_table(
-        ["method", "test acc", "epoch time", "samples/s", "activation memory"],
+        ["method", *(["test loss", "test bpc"] if text else ["test acc"]), "epoch time", "samples/s",
+         "activation memory"],
         [
             [
                 r.method,
-                f"{r.test_acc:.4f}" if r.status == "ok" else r.status,
+                *([f"{r.test_loss:.4f}" if r.status == "ok" else r.status,
+                   f"{r.test_bpc:.4f}" if r.status == "ok" and r.test_bpc is not None else "-"] if text
+                  else [f"{r.test_acc:.4f}" if r.status == "ok" else r.status]),
                 f"{r.epoch_seconds:.1f} s" if r.status == "ok" else "-",
                 f"{r.samples_per_second:.0f}" if r.status == "ok" else "-",
                 format_bytes(r.activation_bytes),

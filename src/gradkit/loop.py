@@ -108,7 +108,9 @@ class Trainer:
     def _train_epoch(self, schedule: LRSchedule, stop: threading.Event, on_step: StepCallback | None) -> None:
         b, config, p = self.backend, self.config, self.progress
         epoch, steps = p.epoch, b.steps_per_epoch
-        last_acc = p.history[-1]["test_acc"] if p.history else None
+        # The headline test figure: accuracy, or bits per character for a language model.
+        score_name = "test_bpc" if b.task == "next-token" else "test_acc"
+        last_score = p.history[-1].get(score_name) if p.history else None
         bar = tqdm(total=steps, initial=p.step_in_epoch, desc=f"{b.label} epoch {epoch + 1}/{config.epochs}",
                    disable=not (config.progress and b.holds_loss), leave=False, dynamic_ncols=True)
         tally = p.tally
@@ -137,8 +139,8 @@ class Trainer:
             bar.update(1)
             if config.progress and (p.step_in_epoch % 10 == 0 or p.step_in_epoch == steps):
                 postfix = {"loss": f"{loss:.4f}", "samples/s": f"{tally.samples / elapsed:.0f}"}
-                if last_acc is not None:
-                    postfix["test_acc"] = f"{last_acc:.4f}"
+                if last_score is not None:
+                    postfix[score_name] = f"{last_score:.4f}"
                 bar.set_postfix(postfix, refresh=False)
             if on_step is not None:
                 on_step(epoch, p.step_in_epoch, loss)
@@ -176,8 +178,9 @@ class Trainer:
         if b.reports:
             if b.folder is not None:
                 b.folder.append_metrics(record)
-            log.info("epoch %d: train_loss %.4f test_loss %.4f test_acc %.4f (%.1fs)", record["epoch"],
-                     record["train_loss"], record["test_loss"], record["test_acc"], record["epoch_seconds"])
+            score = "test_bpc" if "test_bpc" in record else "test_acc"
+            log.info("epoch %d: train_loss %.4f test_loss %.4f %s %.4f (%.1fs)", record["epoch"],
+                     record["train_loss"], record["test_loss"], score, record[score], record["epoch_seconds"])
 
     def _diverged(self, loss: float) -> None:
         b, p = self.backend, self.progress

@@ -80,3 +80,24 @@ def test_tiny_gpt_learns_characters(method: str, stages: int, activations: str, 
     assert final["test_bpc"] == pytest.approx(final["test_loss"] / math.log(2))
     assert final["test_bpc"] < math.log2(vocab) - 1
     assert 0.1 < final["test_acc"] < 1  # per-token accuracy (spaces and 'e' at least)
+
+
+def test_text_runs_report_loss_and_bits_per_character_instead_of_accuracy(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """The epoch lines, the final line of `gradkit train` and the `gradkit compare` table of a language
+    model lead with the per-token loss and bits per character (issue 14: not accuracy)."""
+    from gradkit.cli import main
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over a lazy dog " * 30, encoding="utf-8")
+    common = ["--model", "gpt", "--model-option", "layers=1", "--model-option", "width=16", "--model-option",
+              "heads=2", "--data", "text", "--data-option", f"path={text}", "--data-option", "context=8",
+              "--limit-train", "64", "--limit-test", "16", "--batch-size", "16", "--epochs", "1",
+              "--optimizer", "adam", "--threads", "1", "--no-progress"]
+    assert main(["train", *common, "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr()
+    final = [line for line in out.out.splitlines() if line.startswith("bp gpt on text:")]
+    assert len(final) == 1 and "test_bpc" in final[0] and "test_acc" not in final[0]
+    epoch = [line for line in (out.out + out.err).splitlines() if line.startswith("epoch 1:")]
+    assert len(epoch) == 1 and "test_bpc" in epoch[0] and "test_acc" not in epoch[0]
+    assert main(["compare", *common, "--methods", "bp,fr:2", "--out", str(tmp_path / "cmp")]) == 0
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("method"))
+    assert header.split()[:5] == ["method", "test", "loss", "test", "bpc"] and "acc" not in header

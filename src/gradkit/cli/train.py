@@ -62,11 +62,12 @@ def run(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:  # one rank of a torchrun run: rank 0 reports
         return 0
     final = result.final
+    # A language model reports its per-token loss and bits per character instead of accuracy.
+    score = (f"test_loss {final['test_loss']:.4f}, test_bpc {final['test_bpc']:.4f}" if "test_bpc" in final
+             else f"test_acc {final['test_acc']:.4f}, test_loss {final['test_loss']:.4f}")
     print(
-        f"{config.method} {config.model} on {config.data}: test_acc {final['test_acc']:.4f}, "
-        f"test_loss {final['test_loss']:.4f}, "
-        + (f"test_bpc {final['test_bpc']:.4f}, " if "test_bpc" in final else "")
-        + f"{final['samples_per_second']:.0f} samples/s, "
+        f"{config.method} {config.model} on {config.data}: {score}, "
+        f"{final['samples_per_second']:.0f} samples/s, "
         f"activations {format_bytes(final.get('activation_bytes'))} per step"
     )
     print(f"run folder: {config.out}")
