@@ -62,7 +62,9 @@ def test_corrupt_data_file_exits_2_naming_the_file(capsys: pytest.CaptureFixture
         (["plot", "/nonexistent/run"], "not a gradkit run folder"),
     ],
 )
-def test_bad_arguments_exit_2_with_one_line(capsys: pytest.CaptureFixture[str], argv: list[str], needle: str) -> None:
+def test_bad_arguments_exit_2_with_one_line(capsys: pytest.CaptureFixture[str], argv: list[str], needle: str,
+                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # a relative --out that gets created lands here, not in the checkout
     code, _, err = run_cli(capsys, *argv)
     assert code == 2
     assert needle in one_line(err)
