@@ -42,16 +42,21 @@ lint:
 bench-overhead: install
 	$(PYTHON) benchmarks/overhead/run.py
 
-# CIFAR-10 for benchmarks/gpu/methods.py, into the git-ignored data/ of this checkout (methods.py uses
-# synthetic CIFAR-shaped tensors when it is absent).
+# CIFAR-10 for benchmarks/gpu/methods.py and the AG News subset for the language-model part, into the
+# git-ignored data/ of this checkout (methods.py uses synthetic CIFAR-shaped tensors when it is absent).
 SHARED_CIFAR ?= ../shared/datasets/cifar10-jpeg.tar.gz
+SHARED_AG_NEWS ?= ../shared/datasets/ag_news_small
 gpu-data:
 	@mkdir -p data
 	@if [ -f data/cifar10-jpeg.tar.gz ]; then echo "data/cifar10-jpeg.tar.gz is there"; \
 	elif [ -f "$(SHARED_CIFAR)" ]; then cp "$(SHARED_CIFAR)" data/ && echo "copied $(SHARED_CIFAR) to data/"; \
 	else echo "no $(SHARED_CIFAR): benchmarks/gpu/methods.py will use synthetic CIFAR-shaped tensors"; fi
+	@if [ -d data/ag_news_small ]; then echo "data/ag_news_small is there"; \
+	elif [ -d "$(SHARED_AG_NEWS)" ]; then cp -r "$(SHARED_AG_NEWS)" data/ && echo "copied $(SHARED_AG_NEWS) to data/"; \
+	else echo "no $(SHARED_AG_NEWS): the language-model part of gpu-check will fail (no text data)"; fi
 
-# On a GPU machine (no network): gpu-marked tests + benchmarks/gpu/, one summary table, under 8 minutes.
+# On a GPU machine (no network): gpu-marked tests + benchmarks/gpu/ + the language-model benchmark at
+# the issue's batch shape, one summary table, under 10 minutes.
 # Deliberately not depending on `install`: nothing is pip-installed there (see benchmarks/gpu/README.md).
 gpu-check:
 	PYTHON=$(PYTHON) bash benchmarks/gpu/check.sh
