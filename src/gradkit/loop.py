@@ -108,8 +108,7 @@ class Trainer:
     def _train_epoch(self, schedule: LRSchedule, stop: threading.Event, on_step: StepCallback | None) -> None:
         b, config, p = self.backend, self.config, self.progress
         epoch, steps = p.epoch, b.steps_per_epoch
-        # The headline test figure: accuracy, or bits per character for a language model.
-        score_name = "test_bpc" if b.task == "next-token" else "test_acc"
+        score_name = _headline_score(b.task)
         last_score = p.history[-1].get(score_name) if p.history else None
         bar = tqdm(total=steps, initial=p.step_in_epoch, desc=f"{b.label} epoch {epoch + 1}/{config.epochs}",
                    disable=not (config.progress and b.holds_loss), leave=False, dynamic_ncols=True)
@@ -178,7 +177,7 @@ class Trainer:
         if b.reports:
             if b.folder is not None:
                 b.folder.append_metrics(record)
-            score = "test_bpc" if "test_bpc" in record else "test_acc"
+            score = _headline_score(b.task)
             log.info("epoch %d: train_loss %.4f test_loss %.4f %s %.4f (%.1fs)", record["epoch"],
                      record["train_loss"], record["test_loss"], score, record[score], record["epoch_seconds"])
 
@@ -200,3 +199,8 @@ class Trainer:
         if path is None:
             raise RunInterrupted(f"interrupted at {where}; nothing saved (no --out)")
         raise RunInterrupted(f"interrupted at {where}; checkpoint saved to {path}; continue with --resume")
+
+
+def _headline_score(task: str) -> str:
+    """The test figure shown beside the loss: accuracy, or bits per character for a language model."""
+    return "test_bpc" if task == "next-token" else "test_acc"

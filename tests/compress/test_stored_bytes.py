@@ -68,4 +68,3 @@ def test_a_batch_sliced_from_a_dataset_counts_at_its_own_size() -> None:
     sliced = measure_activations(model, data_x[:4], data_y[:4], "exact")
     copied = measure_activations(model, data_x[:4].clone(), data_y[:4].clone(), "exact")
     assert sliced.exact_bytes == copied.exact_bytes < 5000 * 6 * 8
-    assert data_x[:4].untyped_storage().nbytes() == 5000 * 6 * 8  # the caller's tensors are untouched

@@ -383,7 +383,7 @@ class SyntheticGradients(PipelineMethod):
     def synthetic_update_counts(self) -> list[dict[str, float]]:
         """Per stage below the last that this process holds: synthetic updates applied and skipped
         (below its ``min_cosine``, also given) and the synthesizer's current agreement with the true δ."""
-        return [_counts(s) for s in self.pipeline_stages if isinstance(s, SyntheticGradientStage) and not s.is_last]
+        return [c for c in self.epoch_metrics()["synthetic_updates"] if c is not None]
 
     def epoch_metrics(self) -> dict[str, Any]:
         # A stage held still by min_cosine (the default at a language model's boundaries) shows here.
