@@ -133,8 +133,10 @@ def test_data_the_model_cannot_read_ends_every_rank_in_one_line_and_exit_2(tmp_p
 
 
 # -- faults and interrupts -------------------------------------------------------------------------
+# 800 digits in batches of 4: 200 steps, about a second per epoch, long enough to stop a run mid-epoch.
 LONG = ["--method", "fr", "--stages", "2", "--workers", "2", "--model", "mlp", "--data", "digits",
-        "--batch-size", "4", "--lr", "0.01", "--epochs", "3", "--threads", "1", "--no-progress"]
+        "--limit-train", "800", "--batch-size", "4", "--lr", "0.01", "--epochs", "3", "--threads", "1",
+        "--no-progress"]
 
 
 def _worker_pid(out: Path, rank: int, deadline: float) -> int:
