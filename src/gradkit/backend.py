@@ -211,7 +211,8 @@ class Backend(ABC):
     label: str = ""
     """Prefix of the progress bar."""
     memory: MemoryReport | None = None
-    """Activation memory of the first step where every stage is busy (single process only)."""
+    """Activation memory of the first step where every stage is busy (single process only; workers
+    report their stages' figures through :meth:`record_extras`)."""
     resume_changes: dict[str, list[Any]] = {}  # noqa: RUF012 (replaced, never mutated)
     """Optimizer settings this ``--resume`` changed, ``{name: [old, new]}`` (applied on restore)."""
     task: str = "classification"
@@ -245,6 +246,11 @@ class Backend(ABC):
     def record_extras(self) -> dict[str, Any]:
         """Keys added to every epoch record after the common ones (called in every process)."""
         return {}
+
+    def memory_step(self) -> int:
+        """The global step whose activation memory is measured: the first where every pipeline stage
+        is busy (FR's FIFOs and DDG's stashes are full), or the run's last step if it ends sooner."""
+        return min(self.method.steady_step, self.steps_per_epoch * self.config.epochs - 1)
 
     @abstractmethod
     def checkpoint(self) -> Path | None:
@@ -306,8 +312,7 @@ class LocalBackend(Backend):
         self.progress = Progress()
         self.activation_bytes: int | None = None
         self.stage_memory: list[dict[str, int]] | None = None
-        # Memory is measured once, at the first step where every pipeline stage is busy.
-        self._memory_step = min(self.method.steady_step, self.steps_per_epoch * config.epochs - 1)
+        self._memory_step = self.memory_step()
         if saved:
             self._restore(saved)
 
@@ -347,10 +352,11 @@ class LocalBackend(Backend):
         global_step = self.progress.global_step
         every = self.config.measure_direction
         if global_step == self._memory_step:
-            loss, self.memory = measure_step(self.method, x, y, step=self._step)
+            measured_loss, self.memory = measure_step(self.method, x, y, step=self._step)
             self.activation_bytes = self.memory.activation_bytes
             self.stage_memory = [s.to_dict() for s in self.memory.stages]
-            return loss
+            assert measured_loss is not None  # one process sees the loss
+            return measured_loss
         if every is not None and global_step % every == 0:
             loss, sample = measure_direction(self.method, x, y, step=self._step)
             if sample is not None:

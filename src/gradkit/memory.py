@@ -148,8 +148,8 @@ def _storages(tensors: Iterable[torch.Tensor]) -> dict[int, torch.UntypedStorage
     return {t.untyped_storage().data_ptr(): t.untyped_storage() for t in tensors}
 
 
-def measure_step(method, x: torch.Tensor, y: torch.Tensor,  # noqa: ANN001
-                 step: Callable[[torch.Tensor, torch.Tensor], float] | None = None) -> tuple[float, MemoryReport]:
+def measure_step(method, x: torch.Tensor | None, y: torch.Tensor | None,  # noqa: ANN001
+                 step: Callable[..., float | None] | None = None) -> tuple[float | None, MemoryReport]:
     """Run one real training step of ``method`` and measure its activation memory.
 
     Counts, each storage once: the tensors autograd saved during the step, plus the buffers the
@@ -159,19 +159,22 @@ def measure_step(method, x: torch.Tensor, y: torch.Tensor,  # noqa: ANN001
 
     Args:
         method: a :class:`gradkit.methods.Method`.
-        x, y: one mini-batch.
+        x, y: one mini-batch (None where a pipeline's worker process does not hold them).
         step: what runs the step (default ``method.step``), e.g. the step wrapped by an
             :meth:`gradkit.compress.Activations.wrap`: its storage is what gets measured.
 
     Returns:
-        The step's loss and a :class:`MemoryReport`.
+        The step's loss (None from a worker process whose stage does not compute it) and a
+        :class:`MemoryReport`.
     """
     stages = method.stages
     exclude = [p for stage in stages for p in stage.parameters()]
     exclude += [b for stage in stages for b in stage.buffers()]
-    on_cuda = x.is_cuda and torch.cuda.is_available()
+    # A worker process of a pipeline holds no batch (a middle stage) or only the labels (the last).
+    device = next((t.device for t in (x, y, *exclude) if t is not None), torch.device("cpu"))
+    on_cuda = device.type == "cuda" and torch.cuda.is_available()
     if on_cuda:
-        torch.cuda.reset_peak_memory_stats(x.device)
+        torch.cuda.reset_peak_memory_stats(device)
     before = method.stage_buffers()
     # Holding the storages keeps a freed buffer's address from being taken by a new saved tensor.
     held = [_storages(t for ts in b.values() for t in ts) for b in before]
@@ -189,7 +192,7 @@ def measure_step(method, x: torch.Tensor, y: torch.Tensor,  # noqa: ANN001
     finally:
         for hook in hooks:
             hook.remove()
-    peak = torch.cuda.max_memory_allocated(x.device) if on_cuda else None
+    peak = torch.cuda.max_memory_allocated(device) if on_cuda else None
 
     buffered: set[int] = set()
     per_stage_buffers: list[dict[str, int]] = []

@@ -45,8 +45,10 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "model.pt", weights_only=True)
 
 
-def _assert_same_run(a: Path, b: Path) -> None:
+def _assert_same_run(a: Path, b: Path, *, memory: bool = True) -> None:
     ha, hb = _history(a), _history(b)
+    if memory:  # activation bytes per stage (a resumed run keeps those measured before the stop)
+        assert [_memory(r) for r in ha] == [_memory(r) for r in hb]
     assert [r["train_loss"] for r in ha] == [r["train_loss"] for r in hb]
     assert [r["test_acc"] for r in ha] == [r["test_acc"] for r in hb]
     # dni's per-stage counts of synthetic updates: gathered from the workers, the same as in one process.
@@ -55,6 +57,12 @@ def _assert_same_run(a: Path, b: Path) -> None:
     assert wa.keys() == wb.keys()
     for key in wa:
         assert torch.equal(wa[key], wb[key]), key
+
+
+def _memory(record: dict) -> list[dict[str, int]]:
+    """A record's bytes per stage, kinds of buffer a stage does not have left out (a method lists
+    the kinds it knows, at 0 where a stage holds none of them)."""
+    return [{kind: n for kind, n in stage.items() if n} for stage in record["stage_memory"]]
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +84,17 @@ def test_two_workers_equal_one_process(method: str, single_process_runs: dict[st
     done = _gradkit(["train", "--method", method, "--stages", "2", "--workers", "2", "--epochs", "2", *COMMON,
                      "--out", str(out)])
     assert done.returncode == 0, done.stderr
-    _assert_same_run(single_process_runs[method], out)
+    _assert_same_run(single_process_runs[method], out, memory=False)
+    # Activation memory: each worker measures the stage it holds, and the joined figures are one
+    # process's, but for what crosses the boundary. Stage 1 saves its input (the ReLU output of mlp's
+    # first block, 64 x 256 floats) and the loss its labels (64 int64). One process counts a storage
+    # once, under stage 0 where stage 0 keeps it too (its graph saves its ReLU's output, except fr's,
+    # which replays; dni's stored outputs also keep the labels); two workers each hold a copy.
+    one, two = (_memory(_history(run)[-1]) for run in (single_process_runs[method], out))
+    assert two[0] == one[0]
+    extra = two[1]["saved_bytes"] - one[1]["saved_bytes"]
+    assert extra == {"fr": 0, "dni": 64 * 256 * 4 + 64 * 8}.get(method, 64 * 256 * 4)
+    assert _history(out)[-1]["activation_bytes"] == _history(single_process_runs[method])[-1]["activation_bytes"] + extra
     # The last, smaller batch is trained on once: every sample counted once per epoch, none padded.
     assert [r["samples"] for r in _history(out)] == [600, 600]
     assert json.loads((out / "config.json").read_text())["workers"] == 2

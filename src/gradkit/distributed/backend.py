@@ -51,6 +51,7 @@ from gradkit.distributed.context import AGENT_STORE_ENV, DistContext, join
 from gradkit.distributed.executor import DistributedExecutor, shared_parameter_groups
 from gradkit.errors import ConfigError, GradkitError, PeerFailed, PipelineError, RunInterrupted
 from gradkit.loop import RunResult, StepCallback, Trainer
+from gradkit.memory import measure_step
 from gradkit.methods import PipelineMethod, build, stage_parallel_class, stage_parallel_names
 from gradkit.pipeline.shared import shared_buffers
 from gradkit.precision import Precision
@@ -164,6 +165,9 @@ class StageProcessBackend(Backend):
         """Rank 0: the manifest of the last verified checkpoint (kept as the fallback by the next one)."""
         self._good_step: int | None = None
         """Every rank: the step of that checkpoint, whose shards the next checkpoint keeps."""
+        self._memory_step = self.memory_step()
+        self.held_stage_memory: dict[str, int] | None = None
+        """What this rank's stage held at the memory step (measured here; gathered in record_extras)."""
         self._stop_posted = False
         self._stop_at: int | None = None
         """The global step after which every rank stops (agreed through the store after Ctrl-C)."""
@@ -216,6 +220,7 @@ class StageProcessBackend(Backend):
         shard = self.folder.load_shard(manifest, self.rank)
         self.method.load_shard_state(self.rank, shard["method_state"])
         torch.set_rng_state(shard["rng"])
+        self.held_stage_memory = shard.get("stage_memory")  # absent from shards written before it was kept
         self.progress = Progress(manifest["epoch"], manifest["step_in_epoch"], manifest["global_step"],
                                  EpochTally(**shard["tally"]) if shard.get("tally") else EpochTally(),
                                  list(manifest["history"]), dict(manifest.get("changes") or {}))
@@ -239,6 +244,20 @@ class StageProcessBackend(Backend):
             yield x, y, min(self.config.batch_size, self.num_train - step * self.config.batch_size)
 
     def train_step(self, x: torch.Tensor | None, y: torch.Tensor | None) -> float | None:
+        if self.progress.global_step == self._memory_step:
+            # Each rank measures the stage it holds: its saved activations, FIFO or stashes, and the
+            # messages sent to it before and during the step (received at once, so they are counted
+            # where one process counts them). No collective here: the figures travel with the epoch
+            # record (record_extras).
+            def step_then_receive(x: torch.Tensor | None, y: torch.Tensor | None) -> float | None:
+                loss = self._step(x, y)
+                self.executor.drain()
+                return loss
+
+            self.executor.drain()
+            loss, report = measure_step(self.method, x, y, step=step_then_receive)
+            self.held_stage_memory = report.stages[self.rank].to_dict()
+            return loss
         return self._step(x, y)
 
     def stop_agreed(self, stop: threading.Event) -> bool:
@@ -284,14 +303,19 @@ class StageProcessBackend(Backend):
         return dict(self._broadcast(record))
 
     def record_extras(self) -> dict[str, Any]:
-        # Activation memory is measured in one process only (gradkit.memory.measure_step).
-        extras: dict[str, Any] = {"activation_bytes": None, "stage_memory": None, "workers": self.ctx.world_size}
-        # The method's figures are lists with one entry per stage: rank r holds stage r, so entry r
-        # comes from rank r, and the joined list is the one a single process reports.
+        # Figures with one entry per stage: rank r holds stage r, so entry r comes from rank r, and
+        # the joined list is the one a single process reports.
         per_rank: list[Any] = [None] * self.ctx.world_size
-        dist.all_gather_object(per_rank, self.method.epoch_metrics(), group=self.ctx.control)
-        for key in per_rank[0]:
-            extras[key] = [metrics[key][rank] for rank, metrics in enumerate(per_rank)]
+        dist.all_gather_object(per_rank, (self.held_stage_memory, self.method.epoch_metrics()), group=self.ctx.control)
+        stage_memory = [memory for memory, _ in per_rank]
+        measured = all(memory is not None for memory in stage_memory)
+        extras: dict[str, Any] = {
+            "activation_bytes": sum(m["total_bytes"] for m in stage_memory) if measured else None,
+            "stage_memory": stage_memory if measured else None,
+            "workers": self.ctx.world_size,
+        }
+        for key in per_rank[0][1]:
+            extras[key] = [metrics[key][rank] for rank, (_, metrics) in enumerate(per_rank)]
         return extras
 
     def checkpoint(self) -> Path:
@@ -302,6 +326,7 @@ class StageProcessBackend(Backend):
             "method_state": self.method.shard_state(self.rank),
             "rng": torch.get_rng_state(),
             "tally": p.tally.state() if self.ctx.is_last else None,
+            "stage_memory": self.held_stage_memory,
         }
         digest = self.folder.save_shard(p.global_step, self.rank, shard)
         digests: list[Any] = [None] * self.ctx.world_size if self.ctx.is_first else []

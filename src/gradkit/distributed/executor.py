@@ -241,7 +241,7 @@ class DistributedExecutor:
         """Tensors waiting in this stage's channels (data and labels excluded)."""
         tensors = [m.tensor for (kind, source), q in self.channels.items()
                    if source != DATA and kind != LABEL for m in q]
-        return {self.rank: tensors} if tensors else {}
+        return {self.rank: tensors}
 
     def state(self) -> list[tuple[str, int, int, list[tuple[int, torch.Tensor]]]]:
         """This stage's incoming messages, in :class:`LocalExecutor` form; call :meth:`drain` first."""
