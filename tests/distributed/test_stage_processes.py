@@ -90,11 +90,11 @@ def test_two_workers_equal_one_process(method: str, single_process_runs: dict[st
     # first block, 64 x 256 floats) and the loss its labels (64 int64). One process counts a storage
     # once, under stage 0 where stage 0 keeps it too (its graph saves its ReLU's output, except fr's,
     # which replays; dni's stored outputs also keep the labels); two workers each hold a copy.
-    one, two = (_memory(_history(run)[-1]) for run in (single_process_runs[method], out))
-    assert two[0] == one[0]
-    extra = two[1]["saved_bytes"] - one[1]["saved_bytes"]
+    one, two = _history(single_process_runs[method])[-1], _history(out)[-1]
+    assert _memory(two)[0] == _memory(one)[0]
+    extra = two["stage_memory"][1]["saved_bytes"] - one["stage_memory"][1]["saved_bytes"]
     assert extra == {"fr": 0, "dni": 64 * 256 * 4 + 64 * 8}.get(method, 64 * 256 * 4)
-    assert _history(out)[-1]["activation_bytes"] == _history(single_process_runs[method])[-1]["activation_bytes"] + extra
+    assert two["activation_bytes"] == one["activation_bytes"] + extra
     # The last, smaller batch is trained on once: every sample counted once per epoch, none padded.
     assert [r["samples"] for r in _history(out)] == [600, 600]
     assert json.loads((out / "config.json").read_text())["workers"] == 2
