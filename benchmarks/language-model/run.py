@@ -36,6 +36,7 @@ import math
 import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,60 @@ def untied_gpt(input_shape: tuple[int, ...], num_classes: int, **options: Any) -
     model = gradkit.build_model("gpt", input_shape, num_classes, **options)
     model.head.proj.weight = nn.Parameter(model.embed.token.weight.detach().clone())
     return model
+
+
+class ResidualProbe:
+    """The residual stream entering one block, at every training step: the norm of its mean over the
+    batch and the positions (the part common to every position) and the spread around that mean
+    (root mean square over positions). FR's stale δ, like DNI's synthetic one, can grow the common
+    part far beyond the spread; the next LayerNorm then sees nearly the same vector at every position
+    and the model stays at the unigram loss. Values stay on the device until the run ends, so the
+    probe adds no synchronisation to a GPU step."""
+
+    def __init__(self, block: int) -> None:
+        self.block = block
+        self._latest: torch.Tensor | None = None
+        self._per_step: list[torch.Tensor | None] = []
+
+    def wrap(self, builder: Callable[..., nn.Sequential]) -> Callable[..., nn.Sequential]:
+        """A model factory: ``builder``'s model with the probe on block ``self.block``'s input."""
+
+        def build(input_shape: tuple[int, ...], num_classes: int, **options: Any) -> nn.Sequential:
+            model = builder(input_shape, num_classes, **options)
+            model[self.block].register_forward_pre_hook(self._see)
+            return model
+
+        return build
+
+    def _see(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        if module.training:  # training forwards only (FR's play and replay both count; the last wins)
+            with torch.no_grad():
+                h = inputs[0].detach().float()
+                common = h.mean(dim=(0, 1))
+                spread = (h - common).pow(2).sum(-1).mean().sqrt()
+                self._latest = torch.stack([common.norm(), spread])
+
+    def step(self) -> None:
+        """Call once per training step (from ``on_step``)."""
+        self._per_step.append(self._latest)
+
+    def curve(self, window: int) -> list[list[float]]:
+        """``[[step, common, spread], ...]``: means over consecutive windows of ``window`` steps."""
+        rows = []
+        for i in range(0, len(self._per_step) - window + 1, window):
+            seen = [t for t in self._per_step[i:i + window] if t is not None]
+            if seen:
+                common, spread = torch.stack(seen).mean(dim=0).tolist()
+                rows.append([i + window, round(common, 3), round(spread, 3)])
+        return rows
+
+
+PROBE_BLOCK = 3
+"""Block 3's input, after embed, block 1 and block 2: FR K=2's stage boundary, probed in every run."""
+
+
+def _gpt(input_shape: tuple[int, ...], num_classes: int, **options: Any) -> nn.Sequential:
+    return gradkit.build_model("gpt", input_shape, num_classes, **options)
 
 
 # name -> (group, TrainConfig fields on top of the base)
@@ -141,12 +196,16 @@ def run_one(name: str, args: argparse.Namespace, data: Dataset, measure_every: i
     stamps: list[float] = []
     losses: list[float] = []
 
+    probe = ResidualProbe(PROBE_BLOCK)
+
     def on_step(epoch: int, step: int, loss: float) -> None:
         stamps.append(time.perf_counter())
         losses.append(loss)
+        probe.step()
 
     options = {**_base(args), **fields}
-    if options.get("method", "bp") != "bp" or options.get("model") is untied_gpt:
+    options["model"] = probe.wrap(fields.get("model", _gpt))
+    if options.get("method", "bp") != "bp" or fields.get("model") is untied_gpt:
         options["measure_direction"] = measure_every
     config = TrainConfig(**options)
     start = time.perf_counter()
@@ -177,6 +236,7 @@ def run_one(name: str, args: argparse.Namespace, data: Dataset, measure_every: i
         "sigma_mean": final.get("direction_sigma_mean"), "sigma_min": final.get("direction_sigma_min"),
         "cosine_mean": final.get("direction_cosine_mean"), "cosine_min": final.get("direction_cosine_min"),
         "curve": curve,
+        "residual_probe": {"block": PROBE_BLOCK, "curve": probe.curve(window)},
     }
     if isinstance(result.method, SyntheticGradients):
         record["synthetic_updates"] = result.method.synthetic_update_counts()
