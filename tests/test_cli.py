@@ -35,6 +35,32 @@ def test_unknown_dataset_exits_2_with_one_line(capsys: pytest.CaptureFixture[str
     assert "nosuch" in line and "fashion-mnist" in line  # names the bad value and the choices
 
 
+class _WriteRecorder:
+    """A stderr that keeps each ``write`` call apart, as a pipe shared by several processes sees them."""
+
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_error_line_reaches_stderr_in_one_write(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Worker processes of --workers share the launcher's stderr. print() writes the text and the
+    # newline in two calls, and two ranks failing together once ran their lines into one.
+    recorder = _WriteRecorder()
+    monkeypatch.setattr(sys, "stderr", recorder)
+    code = main(["train", "--data", "nosuch", "--epochs", "1", "--out", str(tmp_path / "d")])
+    assert code == 2
+    errors = [text for text in recorder.writes if "error" in text]
+    assert len(errors) == 1 and errors[0].endswith("\n") and errors[0].count("\n") == 1, recorder.writes
+    assert "nosuch" in errors[0]
+
+
 def test_corrupt_data_file_exits_2_naming_the_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     folder = tmp_path / "data" / "fashion-mnist"
     folder.mkdir(parents=True)

@@ -7,6 +7,8 @@ users can catch it as one type. Messages name the bad value and say what would w
 
 from __future__ import annotations
 
+import sys
+
 __all__ = [
     "GradkitError",
     "DataError",
@@ -18,6 +20,7 @@ __all__ = [
     "PeerFailed",
     "PipelineError",
     "KernelError",
+    "print_line",
 ]
 
 
@@ -80,3 +83,14 @@ class PipelineError(RuntimeError):
 class KernelError(ValueError):
     """A native compression kernel was asked to work on sizes or buffers it cannot handle safely (the
     checks before every C call; a bug or an unsupported tensor, not bad input)."""
+
+
+def print_line(text: str) -> None:
+    """Write ``text`` and its newline to stderr in one write, then flush.
+
+    ``print`` writes the text and the newline separately (two system calls on a non-terminal stderr),
+    so the one-line errors of worker processes sharing the launcher's stderr could run together on one
+    line. A single write of a short line to a pipe is atomic.
+    """
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()

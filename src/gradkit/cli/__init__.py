@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from gradkit._fileio import is_disk_full
 from gradkit.cli import compare, datasets, diagnose, env, evaluate, memory, plot, schedule, train
 from gradkit.cli._parser import Parser
-from gradkit.errors import GradkitError
+from gradkit.errors import GradkitError, print_line
 from gradkit.threads import torch_threads
 
 __all__ = ["main"]
@@ -26,7 +26,8 @@ class _TqdmHandler(logging.Handler):
     """Log lines that do not break progress bars."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        tqdm.write(self.format(record), file=sys.stderr)
+        # With its newline, in one write (as print_line): lines of worker processes never run together.
+        tqdm.write(self.format(record) + "\n", file=sys.stderr, end="")
 
 
 def _parser() -> Parser:
@@ -65,21 +66,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Ctrl-C is not an error; its message already says what was saved.
         kind = "" if exc.exit_code == 130 else "error: "
         if not getattr(exc, "already_reported", False):  # worker processes print their own line
-            print(f"gradkit {args.command}: {kind}{exc}", file=sys.stderr)
+            print_line(f"gradkit {args.command}: {kind}{exc}")
         return exc.exit_code
     except KeyboardInterrupt:
         # The training loop turns Ctrl-C into RunInterrupted; one that gets here came before it ran
         # (loading data, building the model), so no checkpoint exists yet.
         what = ("interrupted before training started; nothing was written" if args.command in _TRAINS
                 else "interrupted")
-        print(f"gradkit {args.command}: {what}", file=sys.stderr)
+        print_line(f"gradkit {args.command}: {what}")
         return 130
     except OSError as exc:
         # A filesystem error no check foresaw (disk full while appending, a folder removed meanwhile).
         where = f" {exc.filename}" if exc.filename else ""
         reason = "no space left on device" if is_disk_full(exc) else (exc.strerror or str(exc))
-        print(f"gradkit {args.command}: error: cannot access{where}: {reason}; check the path or free space",
-              file=sys.stderr)
+        print_line(f"gradkit {args.command}: error: cannot access{where}: {reason}; check the path or free space")
         return 2
     finally:
         root.handlers[:], root.level, root.propagate = saved[0], saved[1], saved[2]

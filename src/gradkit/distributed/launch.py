@@ -29,6 +29,7 @@ from gradkit.distributed import shm
 from gradkit.distributed.backend import check_stage_parallel_config
 from gradkit.distributed.context import AGENT_STORE_ENV, RUN_ID_ENV
 from gradkit.distributed.rank import LAUNCHER_PID_ENV
+from gradkit.errors import print_line
 from gradkit.methods import METHODS, check_options
 from gradkit.models import MODELS
 from gradkit.run_folder import RunFolder
@@ -159,8 +160,8 @@ def _launch_locked(config: TrainConfig, workers: int, folder: RunFolder) -> int:
     if first_failure is not None:
         rank, code = first_failure
         if code < 0:
-            print(f"gradkit train: error: rank {rank} {_describe(code)}; the other workers stopped; "
-                  f"the last good checkpoint in {out} is kept (continue with --resume)", file=sys.stderr)
+            print_line(f"gradkit train: error: rank {rank} {_describe(code)}; the other workers stopped; "
+                       f"the last good checkpoint in {out} is kept (continue with --resume)")
         return code if code > 0 else 1
     codes = [p.returncode for p in procs]
     return INTERRUPTED if INTERRUPTED in codes else 0

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
-from gradkit.errors import GradkitError
+from gradkit.errors import GradkitError, print_line
 
 LAUNCHER_PID_ENV = "GRADKIT_LAUNCHER_PID"
 """The launcher's process id, given to its workers: one whose parent is no longer it stops at once."""
@@ -29,8 +29,7 @@ __all__ = ["LAUNCHER_PID_ENV", "launcher_gone", "main"]
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m gradkit.distributed.rank SPEC.json (started by gradkit train --workers)",
-              file=sys.stderr)
+        print_line("usage: python -m gradkit.distributed.rank SPEC.json (started by gradkit train --workers)")
         return 2
     spec = json.loads(Path(argv[0]).read_text())
     rank = int(os.environ.get("RANK", "0"))
@@ -49,9 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     except GradkitError as exc:
         if exc.exit_code == 130:
             if rank == 0:  # every rank stopped at the same step; one line is enough
-                print(f"gradkit train: {exc}", file=sys.stderr)
+                print_line(f"gradkit train: {exc}")
         else:
-            print(f"gradkit train: error: {exc}", file=sys.stderr)
+            print_line(f"gradkit train: error: {exc}")
         return exc.exit_code
     except BaseException:
         if _launcher_gone_within(2.0):  # the store or a peer vanished with the launcher: say that, not the trace
@@ -88,8 +87,7 @@ def _stop_orphan(rank: int, spec: dict[str, Any]) -> NoReturn:
     out = spec.get("config", {}).get("out")
     if rank == 0:
         kept = f"; the last good checkpoint in {out} is kept; continue with --resume" if out else ""
-        print(f"gradkit train: error: the launcher (pid {_launcher_pid()}) is gone, so the workers stopped{kept}",
-              file=sys.stderr, flush=True)
+        print_line(f"gradkit train: error: the launcher (pid {_launcher_pid()}) is gone, so the workers stopped{kept}")
     try:
         from gradkit.distributed import shm
         from gradkit.distributed.context import RUN_ID_ENV

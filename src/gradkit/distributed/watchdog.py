@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import threading
 import time
 from typing import Any
+
+from gradkit.errors import print_line
 
 __all__ = ["Watchdog", "HEARTBEAT_S", "PEER_TIMEOUT_S", "FAILED_EXIT_CODE"]
 
@@ -102,7 +103,7 @@ class Watchdog:
     def _exit(self, reason: str) -> None:
         if self._stop.is_set():
             return
-        print(f"gradkit train: error: rank {self.rank}: stopping: {reason}", file=sys.stderr, flush=True)
+        print_line(f"gradkit train: error: rank {self.rank}: stopping: {reason}")
         os._exit(FAILED_EXIT_CODE)
 
 
