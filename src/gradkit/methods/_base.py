@@ -181,7 +181,8 @@ class Method(ABC):
 def scale_lr(group: dict[str, Any], scale: float) -> None:
     """Give a parameter group steps ``scale`` times its base rate (a stale stage's smaller steps, FR's
     doubled first stage), now and at every :meth:`Method.set_lr_factor`. The base rate stays
-    ``initial_lr``, which is what a ``--resume`` with another ``--lr`` replaces."""
+    ``initial_lr``, which is what a ``--resume`` with another ``--lr`` replaces. The current rate is
+    scaled as it is, so a schedule's factor already set (a warm-up's first step) is kept."""
     group.setdefault("initial_lr", group["lr"])
     group["lr_scale"] = group.get("lr_scale", 1.0) * scale
-    group["lr"] = group["initial_lr"] * group["lr_scale"]
+    group["lr"] = group["lr"] * scale

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from abc import abstractmethod
 from collections.abc import Sequence
@@ -13,43 +14,27 @@ from torch import nn
 from gradkit.devices import module_device, move_to
 from gradkit.errors import ConfigError
 from gradkit.memory import tensor_bytes
-from gradkit.methods._base import LossFn, Method, scale_lr
+from gradkit.methods._base import LossFn, Method
+from gradkit.methods._staleness import (
+    AUTO,
+    SEQUENCE_STALE_LR,
+    SEQUENCE_STALE_MOMENTUM,
+    apply_stale_steps,
+    awaits_auto_steps,
+    check_staleness_options,
+    resolve_auto_steps,
+    stale_lr_scale,
+)
 from gradkit.optim import OptimizerFactory
+from gradkit.pipeline.boundary import is_sequence_boundary, stage_output_shapes
 from gradkit.pipeline.local import Executor, LocalExecutor
 from gradkit.pipeline.schedule import Schedule
 from gradkit.pipeline.shared import SharedUpdate, shared_parameters
 from gradkit.pipeline.stage import PipelineError, PipelineStage
 
-__all__ = ["PipelineMethod", "STALE_LR", "set_stale_momentum", "stale_lr_scale"]
+__all__ = ["PipelineMethod"]
 
-STALE_LR = ("none", "inverse", "sqrt")
-"""Staleness-aware step sizes (``-o stale_lr=...``): a stage whose gradients are τ steps old (FR, DDG:
-τ = K-1-k) gets ``lr / (1+τ)`` (``inverse``, Zhang et al., "Staleness-aware Async-SGD", IJCAI 2016) or
-``lr / sqrt(1+τ)`` (``sqrt``); ``none`` leaves every stage at ``lr``."""
-
-
-def set_stale_momentum(group: dict[str, Any], momentum: float) -> None:
-    """A stale stage's momentum (``-o stale_momentum=m``): Adam's β1 or SGD's momentum set to ``m``.
-
-    Updates computed from τ-step-old gradients already carry momentum of their own (Mitliagkas et al.,
-    "Asynchrony begets momentum", 2016), so stale stages are given less explicit momentum. The value
-    is kept in the group, so a ``--resume`` that changes ``--momentum`` leaves these stages alone."""
-    group["stale_momentum"] = momentum
-    if "betas" in group:
-        group["betas"] = (momentum, group["betas"][1])
-    elif "momentum" in group:
-        group["momentum"] = momentum
-        if momentum == 0:
-            group["nesterov"] = False  # torch's Nesterov step needs momentum > 0
-
-
-def stale_lr_scale(kind: str, staleness: int) -> float:
-    """The learning-rate multiplier of a stage whose gradients are ``staleness`` steps old."""
-    if kind == "inverse":
-        return 1.0 / (1 + staleness)
-    if kind == "sqrt":
-        return 1.0 / math.sqrt(1 + staleness)
-    return 1.0
+log = logging.getLogger(__name__)
 
 
 class PipelineMethod(Method):
@@ -90,17 +75,13 @@ class PipelineMethod(Method):
         loss_fn: LossFn | None = None,
         optimizer: OptimizerFactory | None = None,
         record_timeline: bool = False,
-        stale_lr: str = "none",
+        stale_lr: str = AUTO,
         clip_grad_norm: float = 0.0,
-        stale_momentum: float | None = None,
+        stale_momentum: float | str | None = AUTO,
     ) -> None:
         super().__init__(stages, loss_fn=loss_fn, optimizer=optimizer)
-        if stale_lr not in STALE_LR:
-            raise ConfigError(f"unknown stale_lr {stale_lr!r}; choose one of: {', '.join(STALE_LR)}")
-        if stale_momentum is not None and (isinstance(stale_momentum, bool) or not isinstance(
-                stale_momentum, (int, float)) or not 0 <= stale_momentum < 1):
-            raise ConfigError(f"stale_momentum must be a number in [0, 1) (Adam's beta1 or SGD's momentum of "
-                              f"stages with stale gradients), got {stale_momentum!r}")
+        check_staleness_options(stale_lr, stale_momentum)
+        self.stale_lr, self.stale_momentum = stale_lr, stale_momentum
         if isinstance(clip_grad_norm, bool) or not isinstance(clip_grad_norm, (int, float)) or not (
                 math.isfinite(clip_grad_norm) and clip_grad_norm >= 0):
             raise ConfigError(f"clip_grad_norm must be a number >= 0 (0: no clipping), got {clip_grad_norm!r}")
@@ -116,9 +97,7 @@ class PipelineMethod(Method):
             pipeline_stage.clip_grad_norm = float(clip_grad_norm)
             staleness = self.schedule.first_update(k)
             for group in pipeline_stage.optimizer.param_groups:
-                scale_lr(group, stale_lr_scale(stale_lr, staleness))
-                if stale_momentum is not None and staleness > 0:
-                    set_stale_momentum(group, float(stale_momentum))
+                apply_stale_steps(group, staleness, stale_lr, stale_momentum)
             self.pipeline_stages.append(pipeline_stage)
         self.executor: Executor = LocalExecutor(self.schedule, self.pipeline_stages,
                                                 record_timeline=record_timeline)
@@ -182,12 +161,31 @@ class PipelineMethod(Method):
         self.shared.step(self.executor)
 
     def prepare(self, sample: torch.Tensor) -> None:
-        """Build whatever depends on the input's shape (DNI's synthesizers) from a sample batch.
+        """Settle what depends on the shapes between stages from a sample batch: the ``auto`` steps of
+        stale stages here, DNI's synthesizers in its subclass.
 
-        Idempotent; every process of a multi-process run calls it with the same sample so that
-        lazily built modules get the same initial weights everywhere.
+        Idempotent (called before every step; a no-op once settled, also after a resume); every
+        process of a multi-process run calls it with the same sample, so that lazily built modules
+        get the same initial weights everywhere.
         """
-        return None
+        pending = [k for k, stage in enumerate(self.pipeline_stages)
+                   if any(awaits_auto_steps(group) for group in stage.optimizer.param_groups)]
+        if not pending:
+            return
+        shapes = stage_output_shapes(self.stages, sample)
+        changed = []
+        for k in pending:
+            sequence = is_sequence_boundary(shapes[k])
+            staleness = self.schedule.first_update(k)
+            results = [resolve_auto_steps(group, staleness, self.stale_lr, self.stale_momentum, sequence=sequence)
+                       for group in self.pipeline_stages[k].optimizer.param_groups]
+            if any(results):
+                changed.append(f"{k} (lr x {stale_lr_scale(SEQUENCE_STALE_LR, staleness):g})"
+                               if self.stale_lr == AUTO else str(k))
+        if changed:
+            momentum = f", momentum {SEQUENCE_STALE_MOMENTUM:g}" if self.stale_momentum == AUTO else ""
+            log.info(f"{self.name}: stages {', '.join(changed)} hand on sequences (N, T, C): staleness-aware "
+                     f"steps there{momentum} (-o stale_lr=none -o stale_momentum=none for the paper's rule)")
 
     def use_executor(self, executor: Executor) -> None:
         """Run the schedule on ``executor`` instead of the single-process one (e.g. one rank per stage)."""

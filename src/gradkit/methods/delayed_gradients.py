@@ -151,10 +151,11 @@ class DelayedGradients(PipelineMethod):
     Args:
         stages, loss_fn, optimizer: see :class:`~gradkit.methods.Method`.
         record_timeline: keep every executed action in ``executor.timeline``.
-        stale_lr: ``none``, ``inverse`` or ``sqrt``: smaller steps for stages with older gradients
-            (see :class:`~gradkit.methods.features_replay.FeaturesReplay`).
+        stale_lr: ``none``, ``inverse`` or ``sqrt``: smaller steps for stages with older gradients;
+            default ``auto`` (see :class:`~gradkit.methods.features_replay.FeaturesReplay`).
         clip_grad_norm: clip each stage's gradient to this norm before its update (0: off).
-        stale_momentum: Adam's β1 (SGD's momentum) for the stages whose gradients are stale.
+        stale_momentum: Adam's β1 (SGD's momentum) for the stages whose gradients are stale, None for
+            the optimizer's; default ``auto`` (as ``stale_lr``).
     """
 
     name = "ddg"

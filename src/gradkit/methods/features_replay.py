@@ -20,6 +20,7 @@ from gradkit.errors import ConfigError
 from gradkit.methods._base import LossFn, scale_lr
 from gradkit.methods._pipelined import PipelineMethod
 from gradkit.methods._registry import METHODS
+from gradkit.methods._staleness import AUTO
 from gradkit.optim import OptimizerFactory
 from gradkit.pipeline.batchnorm import BN_POLICIES, frozen_running_stats
 from gradkit.pipeline.schedule import DELTA, Action, Op, Schedule
@@ -120,10 +121,13 @@ class FeaturesReplay(PipelineMethod):
         double_first_lr: double the first stage's learning rate, a quirk of the reference code.
         record_timeline: keep every executed action in ``executor.timeline``.
         stale_lr: ``none``, ``inverse`` or ``sqrt``: stage k's learning rate divided by ``1+τ`` or
-            ``sqrt(1+τ)``, τ = K-1-k the age of its gradients (:data:`gradkit.methods._pipelined.STALE_LR`).
+            ``sqrt(1+τ)``, τ = K-1-k the age of its gradients (:data:`gradkit.methods._staleness.STALE_LR`);
+            default ``auto``: ``inverse`` for a stage that hands on a sequence ``(N, T, C)``, ``none``
+            (the paper's rule) elsewhere (:mod:`gradkit.methods._staleness`).
         clip_grad_norm: clip each stage's gradient to this norm before its update (0: off).
         stale_momentum: Adam's β1 (SGD's momentum) for the stages whose gradients are stale (all but
-            the last); default: the optimizer's (:func:`gradkit.methods._pipelined.set_stale_momentum`).
+            the last), or None for the optimizer's (:func:`gradkit.methods._staleness.set_stale_momentum`);
+            default ``auto``: 0.5 for a stage that hands on a sequence, the optimizer's elsewhere.
 
     Example:
         >>> method = gradkit.methods.build("fr", gradkit.split(model, 3), optimizer=factory)
@@ -143,9 +147,9 @@ class FeaturesReplay(PipelineMethod):
         bn_policy: str = "play",
         double_first_lr: bool = False,
         record_timeline: bool = False,
-        stale_lr: str = "none",
+        stale_lr: str = AUTO,
         clip_grad_norm: float = 0.0,
-        stale_momentum: float | None = None,
+        stale_momentum: float | str | None = AUTO,
     ) -> None:
         if bn_policy not in BN_POLICIES:
             raise ConfigError(f"unknown bn_policy {bn_policy!r}; choose one of: {', '.join(BN_POLICIES)}")

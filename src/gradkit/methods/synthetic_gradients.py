@@ -23,7 +23,7 @@ from gradkit.methods._base import LossFn
 from gradkit.methods._pipelined import PipelineMethod
 from gradkit.methods._registry import METHODS
 from gradkit.optim import OptimizerFactory
-from gradkit.pipeline.batchnorm import frozen_running_stats
+from gradkit.pipeline.boundary import is_sequence_boundary, stage_output_shapes
 from gradkit.pipeline.schedule import DATA, DELTA, LABEL, Action, Op, Schedule
 from gradkit.pipeline.stage import PipelineError, PipelineStage
 
@@ -68,7 +68,7 @@ class Synthesizer(nn.Module):
         self.shape = tuple(int(s) for s in shape)
         self.num_classes = num_classes
         self.spatial = len(self.shape) == 3
-        self.sequence = len(self.shape) == 2
+        self.sequence = is_sequence_boundary(self.shape)
         if self.spatial:
             channels = self.shape[0]
             width = hidden or channels
@@ -395,23 +395,19 @@ class SyntheticGradients(PipelineMethod):
         return 1.0 if batch < self.warmup_steps else self.true_gradient_mix
 
     def prepare(self, sample: torch.Tensor) -> None:
+        super().prepare(sample)
         stages = [s for s in self.pipeline_stages if isinstance(s, SyntheticGradientStage) and not s.is_last]
         if any(s.synthesizer is None for s in stages):
             self._build_synthesizers(sample)
 
-    @torch.no_grad()
     def _build_synthesizers(self, x: torch.Tensor) -> None:
         """Shapes of every stage output (and the class count, for cDNI) from one probe forward.
 
         The classes are the model output's dimension 1, or its last for per-token logits ``(N, T, V)``
         (what the default loss reads)."""
-        shapes = []
-        h = x
-        with frozen_running_stats(nn.ModuleList(self.stages)):
-            for stage in self.stages:
-                h = stage(h)
-                shapes.append(tuple(h.shape[1:]))
-        num_classes = int(h.shape[-1] if h.dim() == 3 else h.shape[1]) if self.conditioned else 0
+        shapes = stage_output_shapes(self.stages, x)
+        output = shapes[-1]
+        num_classes = int(output[-1] if is_sequence_boundary(output) else output[0]) if self.conditioned else 0
         for pipeline_stage, shape in zip(self.pipeline_stages[:-1], shapes[:-1], strict=True):
             assert isinstance(pipeline_stage, SyntheticGradientStage)
             if pipeline_stage.synthesizer is None:
