@@ -60,7 +60,7 @@ if [ ${#SMOKE[@]} = 0 ]; then
     # GRADKIT_DATA: the checkout's data/ is searched first (../shared is not on the GPU machine).
     run language-model $(( 90 * $(wc -w <<<"$LM_SEEDS") )) env GRADKIT_DATA="$PWD/data" bash -c "for seed in $LM_SEEDS; do \
         $PYTHON benchmarks/language-model/run.py --device cuda --batch-size 32 --context 64 \
-        --groups methods,fr2,activations --only bp,fr-k2,fr-k2-stale-lr-momentum,dni-k2,int4,int2 \
+        --groups methods,activations --only bp,fr-k2,fr-k2-paper,dni-k2,int4,int2 \
         --seed \$seed --out $RESULTS/language-model.jsonl || exit 1; done"
 else
     run language-model 120 $PYTHON benchmarks/language-model/run.py --quick --groups methods --only dni-k2

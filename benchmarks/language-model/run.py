@@ -11,14 +11,16 @@ and its ratio to bp/exact measured in the same invocation, σ and the cosine of 
 
 Groups (``--groups``, comma-separated; default: all):
 
-  methods      bp, fr K=2, fr K=4, ddg K=2, dni K=2 (default, and the paper's: every synthetic δ
-               applied), ulr hybrid K=2 (noise at the stage boundary)
+  methods      bp, fr K=2, fr K=4, ddg K=2, each by default (staleness-aware steps at this
+               sequence boundary) and with the paper's rule (-paper), dni K=2 (default, and the
+               paper's: every synthetic δ applied), ulr hybrid K=2 (noise at the stage boundary)
   activations  bp with int8 / int4 / int2 activations (exact is the bp row)
-  fr2          fr K=2 with staleness-aware step sizes and less momentum on the stale stage
+  fr2          fr K=2 with each staleness remedy alone, and both (what the default is here)
   fr4          fr K=4 with the literature's remedies: lr warm-up, staleness-aware step sizes,
                per-stage gradient clipping, and the tie of embedding and head broken
-  diagnose     fr K=2 and K=4 driven step by step: per stage, the cosine of the gradient it applies
-               with the true backprop gradient (same batch, current weights) and σ; and backprop
+  diagnose     fr K=2 and K=4 (the paper's rule) driven step by step: per stage, the cosine of
+               the gradient it applies with the true backprop gradient (same batch, current
+               weights) and σ; and backprop
                with FR's batch timing but exact gradients (bp-delayed-batches-k4)
 
     python benchmarks/language-model/run.py                        # everything, CPU (~15 min idle)
@@ -120,29 +122,41 @@ def _gpt(input_shape: tuple[int, ...], num_classes: int, **options: Any) -> nn.S
     return gradkit.build_model("gpt", input_shape, num_classes, **options)
 
 
+PAPER_STEPS = {"stale_lr": "none", "stale_momentum": None}
+"""fr's and ddg's options for the paper's rule at this model's sequence boundaries (every stage at lr
+with Adam's β1 0.9). Their default there, ``auto``, is ``stale_lr=inverse`` with ``stale_momentum=0.5``."""
+
 # name -> (group, TrainConfig fields on top of the base)
 RUNS: dict[str, tuple[str, dict[str, Any]]] = {
     "bp": ("methods", {}),
     "fr-k2": ("methods", {"method": "fr", "stages": 2}),
+    "fr-k2-paper": ("methods", {"method": "fr", "stages": 2, "method_options": PAPER_STEPS}),
     "fr-k4": ("methods", {"method": "fr", "stages": 4}),
+    "fr-k4-paper": ("methods", {"method": "fr", "stages": 4, "method_options": PAPER_STEPS}),
     "ddg-k2": ("methods", {"method": "ddg", "stages": 2}),
+    "ddg-k2-paper": ("methods", {"method": "ddg", "stages": 2, "method_options": PAPER_STEPS}),
     "dni-k2": ("methods", {"method": "dni", "stages": 2}),
     "dni-k2-paper": ("methods", {"method": "dni", "stages": 2, "method_options": {"min_cosine": -1.0}}),
     "ulr-hybrid-k2": ("methods", {"method": "ulr", "stages": 2, "method_options": {"copies": 16}}),
     "int8": ("activations", {"activations": "int8"}),
     "int4": ("activations", {"activations": "int4"}),
     "int2": ("activations", {"activations": "int2"}),
-    "fr-k2-stale-lr": ("fr2", {"method": "fr", "stages": 2, "method_options": {"stale_lr": "inverse"}}),
-    "fr-k2-stale-lr-sqrt": ("fr2", {"method": "fr", "stages": 2, "method_options": {"stale_lr": "sqrt"}}),
-    "fr-k2-stale-momentum": ("fr2", {"method": "fr", "stages": 2, "method_options": {"stale_momentum": 0.5}}),
+    "fr-k2-stale-lr": ("fr2", {"method": "fr", "stages": 2,
+                               "method_options": {**PAPER_STEPS, "stale_lr": "inverse"}}),
+    "fr-k2-stale-lr-sqrt": ("fr2", {"method": "fr", "stages": 2,
+                                    "method_options": {**PAPER_STEPS, "stale_lr": "sqrt"}}),
+    "fr-k2-stale-momentum": ("fr2", {"method": "fr", "stages": 2,
+                                     "method_options": {**PAPER_STEPS, "stale_momentum": 0.5}}),
     "fr-k2-stale-lr-momentum": ("fr2", {"method": "fr", "stages": 2,
                                         "method_options": {"stale_lr": "inverse", "stale_momentum": 0.5}}),
     "fr-k4-stale-lr-momentum": ("fr4", {"method": "fr", "stages": 4,
                                         "method_options": {"stale_lr": "inverse", "stale_momentum": 0.5}}),
-    "fr-k4-warmup": ("fr4", {"method": "fr", "stages": 4, "warmup_steps": 100}),
-    "fr-k4-stale-lr": ("fr4", {"method": "fr", "stages": 4, "method_options": {"stale_lr": "inverse"}}),
-    "fr-k4-clip": ("fr4", {"method": "fr", "stages": 4, "method_options": {"clip_grad_norm": 0.5}}),
-    "fr-k4-untied": ("fr4", {"method": "fr", "stages": 4, "model": untied_gpt}),
+    "fr-k4-warmup": ("fr4", {"method": "fr", "stages": 4, "warmup_steps": 100, "method_options": PAPER_STEPS}),
+    "fr-k4-stale-lr": ("fr4", {"method": "fr", "stages": 4,
+                               "method_options": {**PAPER_STEPS, "stale_lr": "inverse"}}),
+    "fr-k4-clip": ("fr4", {"method": "fr", "stages": 4,
+                           "method_options": {**PAPER_STEPS, "clip_grad_norm": 0.5}}),
+    "fr-k4-untied": ("fr4", {"method": "fr", "stages": 4, "model": untied_gpt, "method_options": PAPER_STEPS}),
     "bp-untied": ("fr4", {"model": untied_gpt}),
 }
 DIAGNOSE = {"fr-k2": 2, "fr-k4": 4}
@@ -266,7 +280,8 @@ def diagnose_one(name: str, args: argparse.Namespace, data: Dataset) -> dict[str
     model = gradkit.build_model("gpt", data.info.input_shape, data.info.num_classes, **options)
     stages = gradkit.split(model, k, balance="params")
     method = gradkit.methods.build("fr", stages, optimizer=OptimizerConfig(name="adam", lr=1e-3,
-                                                                         weight_decay=0.0).factory())
+                                                                         weight_decay=0.0).factory(),
+                                   **PAPER_STEPS)  # what stalls, and what the README diagnoses
     tied = model.embed.token.weight
     params = method.parameters()
     owner = {id(p): s for s, stage in enumerate(stages) for p in stage.parameters() if p is not tied}
