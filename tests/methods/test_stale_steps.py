@@ -133,3 +133,13 @@ def test_bad_values_name_what_the_options_take() -> None:
         _build("fr", vector_model(), stale_lr="half")
     with pytest.raises(ConfigError, match=r"stale_momentum must be a number in \[0, 1\) .*auto or none"):
         _build("ddg", vector_model(), stale_momentum="high")
+
+
+def test_the_run_says_which_stages_got_other_steps(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("INFO", logger="gradkit"):
+        _run(_build("fr", sequence_model()), sequence_batches(2))
+        _run(_build("fr", vector_model()), vector_batches(2))
+    lines = [r.getMessage() for r in caplog.records if "staleness-aware" in r.getMessage()]
+    assert len(lines) == 1, lines  # once, and only for the sequence model
+    assert "stage 0 hands on a sequence" in lines[0] and "lr x 0.5; momentum 0.5" in lines[0]
+    assert "-o stale_lr=none -o stale_momentum=none" in lines[0]

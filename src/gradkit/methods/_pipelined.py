@@ -180,12 +180,22 @@ class PipelineMethod(Method):
             results = [resolve_auto_steps(group, staleness, self.stale_lr, self.stale_momentum, sequence=sequence)
                        for group in self.pipeline_stages[k].optimizer.param_groups]
             if any(results):
-                changed.append(f"{k} (lr x {stale_lr_scale(SEQUENCE_STALE_LR, staleness):g})"
-                               if self.stale_lr == AUTO else str(k))
+                changed.append(k)
         if changed:
-            momentum = f", momentum {SEQUENCE_STALE_MOMENTUM:g}" if self.stale_momentum == AUTO else ""
-            log.info(f"{self.name}: stages {', '.join(changed)} hand on sequences (N, T, C): staleness-aware "
-                     f"steps there{momentum} (-o stale_lr=none -o stale_momentum=none for the paper's rule)")
+            self._report_auto_steps(changed)
+
+    def _report_auto_steps(self, stages: list[int]) -> None:
+        """One line saying which stages got staleness-aware steps by default, and how to turn them off."""
+        what = []
+        if self.stale_lr == AUTO:
+            scales = [stale_lr_scale(SEQUENCE_STALE_LR, self.schedule.first_update(k)) for k in stages]
+            what.append("lr x " + ", ".join(f"{scale:.3g}" for scale in scales))
+        if self.stale_momentum == AUTO:
+            what.append(f"momentum {SEQUENCE_STALE_MOMENTUM:g}")
+        who = (f"stage {stages[0]} hands on a sequence (N, T, C) and gets" if len(stages) == 1
+               else f"stages {', '.join(map(str, stages))} hand on sequences (N, T, C) and get")
+        log.info(f"{self.name}: {who} stale gradients: staleness-aware steps there "
+                 f"({'; '.join(what)}); -o stale_lr=none -o stale_momentum=none for the paper's rule")
 
     def use_executor(self, executor: Executor) -> None:
         """Run the schedule on ``executor`` instead of the single-process one (e.g. one rank per stage)."""
