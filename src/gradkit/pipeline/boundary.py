@@ -21,10 +21,12 @@ def is_sequence_boundary(shape: Sequence[int]) -> bool:
 @torch.no_grad()
 def stage_output_shapes(stages: Sequence[nn.Module], sample: torch.Tensor) -> list[tuple[int, ...]]:
     """The per-example shape of each stage's output, from one forward of ``sample`` through all of
-    them (no graph; BatchNorm running statistics left as they were)."""
+    them (no graph; BatchNorm running statistics and the random streams, which dropout draws from,
+    left as they were: the probe changes nothing a run would see)."""
     shapes = []
     h = sample
-    with frozen_running_stats(nn.ModuleList(stages)):
+    devices = [sample.device.index or 0] if sample.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), frozen_running_stats(nn.ModuleList(stages)):
         for stage in stages:
             h = stage(h)
             shapes.append(tuple(h.shape[1:]))
