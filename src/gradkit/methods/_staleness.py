@@ -3,8 +3,8 @@
 
 A stage k of K gets gradients τ = K-1-k steps old. The paper's rule (Huo et al. 2018) steps every
 stage like backprop would; ``auto`` keeps that rule except where a stale stage hands a sequence
-``(N, T, C)`` on, as a language model's blocks do. There it halves the stage's learning rate and sets
-its momentum to 0.5: on the 4-layer ``gpt`` of ``benchmarks/language-model`` (300 steps, seeds 0-4)
+``(N, T, C)`` on, as a language model's blocks do. There it divides the stage's learning rate by 1+τ
+and sets its momentum (Adam's β1) to 0.5: on the 4-layer ``gpt`` of ``benchmarks/language-model`` (300 steps, seeds 0-4)
 this took fr K=2 from +0.240 to +0.085 and ddg K=2 from +0.238 to +0.073 in validation loss against
 backprop, and fr K=4 from +0.584 to +0.155 (seed 0). With the paper's rule a stale δ that is wrong
 the same way at every position piles up, through Adam's full-sized steps, into a part of the residual
